@@ -1,0 +1,120 @@
+"""What every method shares: the prompt parameters' base module and the backbone's sub-layers.
+
+The sub-layers reproduce timm's pre-norm ``Block`` in eval mode (dropout and drop-path are
+identities there), with attention routed through :func:`svpt.ops.prompt_attention` so
+that every backend can run it.
+"""
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .. import ops
+
+
+def self_attention(block: nn.Module, x: torch.Tensor, saliency_rows: tuple[int, int] | None = None,
+                   saliency_cols: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``ls1(MSA(LN1(x)))`` as the block computes it, and AE's saliency when asked."""
+    attn = block.attn
+    batch, tokens, _ = x.shape
+    y = block.norm1(x)
+    q, k, v = attn.qkv(y).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).unbind(2)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out, saliency = ops.prompt_attention(q, k, v, attn.scale, saliency_rows, saliency_cols)
+    out = attn.norm(out.reshape(batch, tokens, -1))
+    gate = getattr(attn, "gate", None)  # timm >= 1.0.30 gated attention
+    if gate is not None:
+        out = out * gate(y).sigmoid()
+    return block.ls1(attn.proj(out)), saliency
+
+
+def mlp_residual(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``h + ls2(MLP(LN2(h)))``."""
+    return h + block.ls2(block.mlp(block.norm2(h)))
+
+
+def plain_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The unprompted block, ``x + ls1(MSA(LN1 x))`` then the MLP residual."""
+    return mlp_residual(block, x + self_attention(block, x)[0])
+
+
+def insert_prompts(x: torch.Tensor, prompts: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """``[prefix, prompts, patches]`` from ``[prefix, patches]``."""
+    prompts = prompts.expand(x.shape[0], -1, -1).to(x.dtype)
+    return torch.cat([x[:, :num_prefix], prompts, x[:, num_prefix:]], dim=1)
+
+
+def replace_prompts(x: torch.Tensor, prompts: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Overwrite the prompt rows of ``[prefix, prompts, patches]`` (VPT-deep)."""
+    end = num_prefix + prompts.shape[-2]
+    prompts = prompts.expand(x.shape[0], -1, -1).to(x.dtype)
+    return torch.cat([x[:, :num_prefix], prompts, x[:, end:]], dim=1)
+
+
+def remove_prompts(x: torch.Tensor, num_prefix: int, num_prompts: int) -> torch.Tensor:
+    return torch.cat([x[:, :num_prefix], x[:, num_prefix + num_prompts:]], dim=1)
+
+
+def vpt_init_bound(patch_size: tuple[int, int], width: int) -> float:
+    """VPT's uniform init bound ``sqrt(6 / (3 p^2 + d))`` (0.0625 for ViT-B/16)."""
+    return math.sqrt(6.0 / (3 * patch_size[0] * patch_size[1] + width))
+
+
+class PromptMethod(nn.Module):
+    """Trainable parameters of one method and the forward of the prompted blocks.
+
+    Subclasses name their parameters exactly as METHOD.md's checkpoint keys
+    (``prompts``, ``da.weight``, ...), keep each option as an attribute of the same name,
+    and implement ``block(layer, blk, x)`` (plus ``enter`` / ``leave`` if prompts travel
+    in the token sequence).
+    Attached to the model as ``model.prompter``; its training mode drives prompt dropout.
+    """
+
+    method: ClassVar[str]
+    options: ClassVar[dict[str, object]] = {}
+
+    def __init__(self, *, depth: int, width: int, num_prefix: int,
+                 patch_size: tuple[int, int], num_prompts: int, prompt_layers: int,
+                 prompt_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.depth, self.width, self.num_prefix = depth, width, num_prefix
+        self.num_prompts = num_prompts
+        self.prompt_dropout = prompt_dropout
+        bound = vpt_init_bound(patch_size, width)
+        self.prompts = nn.Parameter(torch.empty(prompt_layers, num_prompts, width).uniform_(-bound, bound))
+
+    def layer_prompts(self, layer: int, batch: int) -> torch.Tensor:
+        """``P[layer]`` as [1, M, d], or [B, M, d] with independent dropout per sample."""
+        prompts = self.prompts[layer].unsqueeze(0)
+        if self.training and self.prompt_dropout > 0:
+            prompts = F.dropout(prompts.expand(batch, -1, -1), self.prompt_dropout, training=True)
+        return prompts
+
+    def forward(self, x: torch.Tensor, blocks: nn.Sequential, use_checkpoint: bool = False) -> torch.Tensor:
+        """Run ``blocks`` on ``x`` = [prefix, patches] the method's way; returns the same layout."""
+        x = self.enter(x)
+        for layer, blk in enumerate(blocks):
+            if use_checkpoint and torch.is_grad_enabled():
+                x = checkpoint(self.block, layer, blk, x, use_reentrant=False)
+            else:
+                x = self.block(layer, blk, x)
+        return self.leave(x)
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def leave(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def describe(self) -> str:
+        """The method and its options, for the model summary."""
+        opts = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.options)
+        return f"{self.method} (M={self.num_prompts}{', ' + opts if opts else ''})"
+
+    def extra_repr(self) -> str:
+        return self.describe()

@@ -1,0 +1,59 @@
+"""SVPT / iVPT (Zhou, Chen, Huang; TIP 2025): CDC + DA between blocks, AE inside them."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from .base import mlp_residual, replace_prompts, self_attention
+from .vpt import _VPT
+
+
+class DynamicAggregation(nn.Module):
+    """DA's gate parameters: ``weight`` [L-1, 2, d] (zeros), ``bias`` [L-1] (``da_init_bias``)."""
+
+    def __init__(self, depth: int, width: int, init_bias: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(depth - 1, 2, width))
+        self.bias = nn.Parameter(torch.full((depth - 1,), float(init_bias)))
+
+
+class AttentiveEnhancement(nn.Module):
+    """AE's per-block step size ``scale`` [L] (``ae_init``)."""
+
+    def __init__(self, depth: int, init: float) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((depth,), float(init)))
+
+
+class SVPT(_VPT):
+    method = "svpt"
+    options = {"prompt_dropout": 0.0, "da_init_bias": -2.0, "ae_init": 0.0, "ae_ratio": 0.25,
+               "ae_source": "cls", "ae_layers": None, "cdc": True}
+
+    def __init__(self, *, da_init_bias: float, ae_init: float, ae_ratio: float, ae_source: str,
+                 ae_layers: tuple[int, ...], cdc: bool, **kwargs) -> None:
+        super().__init__(prompt_layers=kwargs["depth"], **kwargs)
+        self.da_init_bias, self.ae_init, self.ae_ratio = da_init_bias, ae_init, ae_ratio
+        self.ae_source, self.ae_layers, self.cdc = ae_source, ae_layers, cdc
+        if cdc and self.depth > 1:
+            self.da = DynamicAggregation(self.depth, self.width, da_init_bias)
+        if ae_layers:
+            self.ae = AttentiveEnhancement(self.depth, ae_init)
+        # Saliency source rows: the class token (index 0) or the M prompt queries.
+        self.saliency_rows = (0, 1) if ae_source == "cls" else (self.num_prefix, self.num_prompts)
+
+    def block(self, layer: int, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if layer > 0:
+            prompts = self.layer_prompts(layer, x.shape[0])
+            if self.cdc:
+                x = ops.da_mix(x, prompts, self.da.weight[layer - 1], self.da.bias[layer - 1], self.num_prefix)
+            else:
+                x = replace_prompts(x, prompts, self.num_prefix)
+        if layer not in self.ae_layers:
+            return mlp_residual(blk, x + self_attention(blk, x)[0])
+        first_patch = self.num_prefix + self.num_prompts
+        attn_out, saliency = self_attention(blk, x, self.saliency_rows, first_patch)
+        k = max(1, round(self.ae_ratio * (x.shape[1] - first_patch)))
+        h = ops.ae_update(x, attn_out, saliency, self.ae.scale[layer], self.num_prefix, self.num_prompts, k)
+        return mlp_residual(blk, h)

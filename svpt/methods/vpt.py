@@ -1,0 +1,45 @@
+"""VPT (Jia et al., ECCV 2022): shallow and deep visual prompts."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import PromptMethod, insert_prompts, plain_block, remove_prompts, replace_prompts
+
+
+class _VPT(PromptMethod):
+    """Prompts enter the sequence after the prefix tokens and leave it after the last block."""
+
+    options = {"prompt_dropout": 0.0}
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        return insert_prompts(x, self.layer_prompts(0, x.shape[0]), self.num_prefix)
+
+    def leave(self, x: torch.Tensor) -> torch.Tensor:
+        return remove_prompts(x, self.num_prefix, self.num_prompts)
+
+
+class VPTShallow(_VPT):
+    """``prompts`` [1, M, d] inserted once before block 0; their outputs flow on."""
+
+    method = "vpt-shallow"
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(prompt_layers=1, **kwargs)
+
+    def block(self, layer: int, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return plain_block(blk, x)
+
+
+class VPTDeep(_VPT):
+    """``prompts`` [L, M, d]: before block l the prompt rows are overwritten with ``P[l]``."""
+
+    method = "vpt-deep"
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(prompt_layers=kwargs["depth"], **kwargs)
+
+    def block(self, layer: int, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if layer > 0:
+            x = replace_prompts(x, self.layer_prompts(layer, x.shape[0]), self.num_prefix)
+        return plain_block(blk, x)
