@@ -172,6 +172,14 @@ def test_timm_registry_models(name, kwargs):
     assert out.shape == (2, 3) and torch.isfinite(out).all()
 
 
+def test_dynamic_image_size():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=64,
+                              dynamic_img_size=True).eval()
+    svpt.prompt(model, "svpt", 4)
+    for side in (48, 80):  # 9 and 25 patches; AE's k follows N
+        assert model(torch.randn(1, 3, side, side)).shape == (1, 3)
+
+
 # ------------------------------------------------------------------ checkpoints on disk
 def test_save_and_load_prompts_round_trip(tmp_path):
     model = _prompted("svpt", 3)
