@@ -3,6 +3,7 @@ from .backends import available_backends, backend, get_backend, set_backend
 from .checkpoint import load_prompt_state_dict, load_prompts, prompt_state_dict, save_prompts
 from .methods import METHODS
 from .prompting import is_prompted, prompt, summary
+from . import fused
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,47 @@
+"""svpt's Triton backend: fused CDC+DA, flash attention with AE saliency, fused AE update.
+
+Each op lives in its own module (kernels, launchers, autograd Function, torch.library op)
+and has exactly the signature of :mod:`svpt.reference`. On CPU the kernels run only under
+Triton's interpreter (``TRITON_INTERPRET=1``, for tests); ``"auto"`` uses them on CUDA only.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _common
+from .ae_update import ae_update
+from .da_mix import da_mix
+from .prompt_attention import prompt_attention
+
+__all__ = ["AUTO_DEVICE_TYPES", "ae_update", "da_mix", "prompt_attention", "why_unusable"]
+
+AUTO_DEVICE_TYPES = ("cuda",)
+
+
+def _why_not_cuda() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device is available to torch"
+    if torch.version.hip is None and torch.cuda.get_device_capability() < (7, 0):
+        return "Triton needs a CUDA GPU of compute capability 7.0 or newer"
+    return None
+
+
+def why_unusable(device: torch.device | None = None) -> str | None:
+    """``None`` when the kernels can run on ``device`` (anywhere here when ``None``), else why not."""
+    if device is None:
+        if _why_not_cuda() is None or _common.INTERPRET:
+            return None
+        return (f"{_why_not_cuda()}, and TRITON_INTERPRET=1 (Triton's CPU interpreter, for tests) "
+                "was not set before svpt_kernels.triton was imported")
+    device = torch.device(device)
+    if device.type == "cuda":
+        if _common.INTERPRET:
+            return ("TRITON_INTERPRET=1 was set when svpt_kernels.triton was imported: the kernels "
+                    "run in the CPU interpreter, not on the GPU")
+        return _why_not_cuda()
+    if device.type == "cpu":
+        if _common.INTERPRET:
+            return None
+        return ("Triton kernels run on CUDA GPUs; on CPU only through the interpreter "
+                "(set TRITON_INTERPRET=1 before importing svpt), which is for tests, not speed")
+    return f"Triton kernels do not run on {device.type} devices"

@@ -1,0 +1,47 @@
+"""What the three Triton op modules share: interpreter detection, op registration, dtypes."""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once, like @triton.jit does: kernels decorated before the variable is set stay compiled.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# torch >= 2.6 has triton_op/wrap_triton: torch.compile sees the kernels themselves. Older torch
+# (2.4, 2.5), and the interpreter (whose kernels wrap_triton cannot trace with fake tensors),
+# get an opaque custom_op with a fake implementation, which also traces without graph breaks.
+USE_TRITON_OP = (hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+                 and not INTERPRET)
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def define_op(name: str, fake: Callable) -> Callable[[Callable], object]:
+    """Decorator registering ``fn`` as the torch.library op ``svpt::name``."""
+    def wrap(fn):
+        if USE_TRITON_OP:
+            return torch.library.triton_op(f"svpt::{name}", fn, mutates_args=())
+        op = torch.library.custom_op(f"svpt::{name}", fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return wrap
+
+
+def launch(kernel):
+    """The kernel as called inside an op body (wrapped so torch.compile can trace it)."""
+    return torch.library.wrap_triton(kernel) if USE_TRITON_OP else kernel
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(n)
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """Kernels take arbitrary outer strides (qkv views) but need unit stride on the last dim."""
+    return t if t.stride(-1) == 1 else t.contiguous()

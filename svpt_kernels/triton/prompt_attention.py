@@ -1,0 +1,384 @@
+"""prompt_attention: FlashAttention-style softmax attention that also emits AE's saliency.
+
+Layout [B, T, H, D] with arbitrary outer strides (the q/k/v views of the qkv projection are
+read in place). The forward keeps a running max and sum per query row (online softmax) and
+stores the output and the row log-sum-exp; the T x T matrix never exists. The saliency
+(probabilities of a few query rows, averaged over heads and rows) is a second, cheap pass
+over only those rows that recomputes their probabilities from the final log-sum-exp.
+The backward recomputes the probabilities block by block: one kernel per key block
+accumulates dK and dV over all query blocks, one per query block accumulates dQ, so no
+reduction needs atomics. k/v with batch 1 (CVPT's prompts) are broadcast over the batch; their
+gradients are written per sample and summed afterwards.
+
+Any T (rows and columns are masked), head dims up to 256 (padded to a power of two with
+masked loads), fp32 inputs use full-fp32 products (``input_precision="ieee"``), and fp16/bf16
+probabilities are cast explicitly to the value dtype before the products that use them.
+"""
+from typing import Tuple
+
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import define_op, last_dim_contiguous, launch, next_pow2
+
+__all__ = ["prompt_attention", "PromptAttentionFunction"]
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _prompt_attention_fwd_kernel(
+        Q, K, V, OUT, LSE, qk_scale, H, Tq, Tk,
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
+        D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < D
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=(offs_m < Tq)[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    for start_n in range(0, Tk, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < Tk
+        kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None],
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        s = _dot(q, kt, IEEE) * qk_scale  # log2 units
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every block has a valid key
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    m_ok = offs_m < Tq
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + pid_bh.to(tl.int64) * Tq + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
+
+
+@triton.jit
+def _prompt_attention_saliency_kernel(
+        Q, K, LSE, SAL, qk_scale, H, Tq, Tk, row_start, row_count, col_start,
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+        D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr):
+    pid_n = tl.program_id(0)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = col_start + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < Tk
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < D
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for h in range(0, H):
+        kt = tl.load(K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None],
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        for r0 in range(0, row_count, BLOCK_R):
+            r_ok = (r0 + tl.arange(0, BLOCK_R)) < row_count
+            rows = row_start + r0 + tl.arange(0, BLOCK_R)
+            q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :],
+                        mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+            lse = tl.load(LSE + (b * H + h) * Tq + rows, mask=r_ok, other=0.0)
+            p = tl.math.exp2(_dot(q, kt, IEEE) * qk_scale - lse[:, None])
+            total += tl.sum(tl.where(r_ok[:, None] & n_ok[None, :], p, 0.0), axis=0)
+    tl.store(SAL + b * (Tk - col_start) + offs_n - col_start, total / (H * row_count), mask=n_ok)
+
+
+@triton.jit
+def _prompt_attention_bwd_delta_kernel(
+        OUT, GRAD_OUT, DELTA, H, Tq, stride_ob, stride_ot, stride_oh, stride_gb, stride_gt, stride_gh,
+        D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    # delta = rowsum(dO * O), the softmax backward's correction term
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    ok = (offs_m < Tq)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(GRAD_OUT + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gt + offs_d[None, :],
+                 mask=ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Tq + offs_m, tl.sum(o * do, axis=1), mask=offs_m < Tq)
+
+
+@triton.jit
+def _prompt_attention_bwd_dkdv_kernel(
+        Q, K, V, GRAD_OUT, LSE, DELTA, DK, DV, sm_scale, qk_scale, H, Tq, Tk,
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh, stride_gb, stride_gt, stride_gh,
+        stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
+        D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr):
+    pid_n = tl.program_id(0)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < D
+    n_ok = offs_n < Tk
+    kv_ok = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=kv_ok, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=kv_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    q_base = Q + b * stride_qb + h * stride_qh
+    g_base = GRAD_OUT + b * stride_gb + h * stride_gh
+    row_base = pid_bh.to(tl.int64) * Tq
+    for start_m in range(0, Tq, BLOCK_M):
+        offs_m = start_m + offs_m0
+        m_ok = offs_m < Tq
+        qm_ok = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=qm_ok, other=0.0)
+        do = tl.load(g_base + offs_m[:, None] * stride_gt + offs_d[None, :], mask=qm_ok, other=0.0)
+        lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+        st = _dot(k, tl.trans(q), IEEE) * qk_scale  # [BLOCK_N, BLOCK_M]
+        pt = tl.where(n_ok[:, None] & m_ok[None, :], tl.math.exp2(st - lse[None, :]), 0.0)
+        dv += _dot(pt.to(do.dtype), do, IEEE)
+        dpt = _dot(v, tl.trans(do), IEEE)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst.to(q.dtype), q, IEEE)
+    dk = dk * sm_scale
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _prompt_attention_bwd_dq_kernel(
+        Q, K, V, GRAD_OUT, LSE, DELTA, DQ, sm_scale, qk_scale, H, Tq, Tk,
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh, stride_gb, stride_gt, stride_gh,
+        stride_dqb, stride_dqt, stride_dqh,
+        D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < D
+    m_ok = offs_m < Tq
+    qm_ok = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=qm_ok, other=0.0)
+    do = tl.load(GRAD_OUT + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gt + offs_d[None, :],
+                 mask=qm_ok, other=0.0)
+    row_base = pid_bh.to(tl.int64) * Tq
+    lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    for start_n in range(0, Tk, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < Tk
+        kv_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_ok, other=0.0)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale
+        p = tl.where(n_ok[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, IEEE)
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=qm_ok)
+
+
+def _config(d_pad: int, dtype: torch.dtype) -> dict:
+    """Block sizes. The interpreter runs programs one by one in numpy: smallest tiles.
+    On GPU: 16-bit inputs take FlashAttention's usual 128x64 forward tile; fp32 (ieee
+    products, twice the registers per element) takes smaller ones."""
+    if _common.INTERPRET:
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4 if d_pad <= 64 else 8, num_stages=2)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4 if d_pad <= 64 else 8, num_stages=3)
+
+
+def _bwd_config(d_pad: int, dtype: torch.dtype) -> dict:
+    if _common.INTERPRET:
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if d_pad <= 64 else 8, num_stages=2)
+
+
+def _kv_batch_stride(t: torch.Tensor) -> int:
+    return 0 if t.shape[0] == 1 else t.stride(0)
+
+
+def _fwd_fake(q, k, v, scale, row_start, row_count, col_start):
+    batch, tq, heads, _ = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = q.new_empty((batch, heads, tq), dtype=torch.float32)
+    saliency = q.new_empty((batch, k.shape[1] - col_start) if row_count > 0 else (0,), dtype=torch.float32)
+    return out, lse, saliency
+
+
+@define_op("prompt_attention", _fwd_fake)
+def _prompt_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                         row_start: int, row_count: int,
+                         col_start: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, tq, heads, dim = q.shape
+    tk = k.shape[1]
+    d_pad = max(16, next_pow2(dim))
+    ieee = q.dtype == torch.float32
+    qk_scale = scale * _LOG2E
+    out = torch.empty((batch, tq, heads, dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, tq), dtype=torch.float32, device=q.device)
+    cfg = _config(d_pad, q.dtype)
+    block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    launch(_prompt_attention_fwd_kernel)[(triton.cdiv(tq, block_m), batch * heads)](
+        q, k, v, out, lse, qk_scale, heads, tq, tk,
+        q.stride(0), q.stride(1), q.stride(2), _kv_batch_stride(k), k.stride(1), k.stride(2),
+        _kv_batch_stride(v), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        D=dim, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, **cfg)
+    if row_count == 0:
+        return out, lse, torch.empty((0,), dtype=torch.float32, device=q.device)
+    saliency = torch.empty((batch, tk - col_start), dtype=torch.float32, device=q.device)
+    block_s = 16 if _common.INTERPRET else 64
+    launch(_prompt_attention_saliency_kernel)[(triton.cdiv(tk - col_start, block_s), batch)](
+        q, k, lse, saliency, qk_scale, heads, tq, tk, row_start, row_count, col_start,
+        q.stride(0), q.stride(1), q.stride(2), _kv_batch_stride(k), k.stride(1), k.stride(2),
+        D=dim, D_PAD=d_pad, BLOCK_R=16, BLOCK_N=block_s, IEEE=ieee,
+        num_warps=1 if _common.INTERPRET else 4)
+    return out, lse, saliency
+
+
+def _bwd_fake(grad_out, q, k, v, out, lse, scale):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+@define_op("prompt_attention_backward", _bwd_fake)
+def _prompt_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                                  v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                                  scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, tq, heads, dim = q.shape
+    kv_batch, tk = k.shape[0], k.shape[1]
+    d_pad = max(16, next_pow2(dim))
+    ieee = q.dtype == torch.float32
+    qk_scale = scale * _LOG2E
+    grad_out = last_dim_contiguous(grad_out)
+    delta = torch.empty((batch, heads, tq), dtype=torch.float32, device=q.device)
+    block_delta = 16 if _common.INTERPRET else 64
+    launch(_prompt_attention_bwd_delta_kernel)[(triton.cdiv(tq, block_delta), batch * heads)](
+        out, grad_out, delta, heads, tq, out.stride(0), out.stride(1), out.stride(2),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        D=dim, D_PAD=d_pad, BLOCK_M=block_delta, num_warps=1 if _common.INTERPRET else 4)
+    cfg = _bwd_config(d_pad, q.dtype)
+    block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    dq = torch.empty((batch, tq, heads, dim), dtype=q.dtype, device=q.device)
+    # Broadcast k/v: per-sample fp32 gradients, summed over the batch below (no atomics).
+    broadcast = kv_batch == 1 and batch > 1
+    grad_kv_dtype = torch.float32 if broadcast else k.dtype
+    dk = torch.empty((batch, tk, heads, dim), dtype=grad_kv_dtype, device=q.device)
+    dv = torch.empty((batch, tk, heads, dim), dtype=grad_kv_dtype, device=q.device)
+    strides = (q.stride(0), q.stride(1), q.stride(2), _kv_batch_stride(k), k.stride(1), k.stride(2),
+               _kv_batch_stride(v), v.stride(1), v.stride(2),
+               grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
+    launch(_prompt_attention_bwd_dkdv_kernel)[(triton.cdiv(tk, block_n), batch * heads)](
+        q, k, v, grad_out, lse, delta, dk, dv, scale, qk_scale, heads, tq, tk, *strides,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        D=dim, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, **cfg)
+    launch(_prompt_attention_bwd_dq_kernel)[(triton.cdiv(tq, block_m), batch * heads)](
+        q, k, v, grad_out, lse, delta, dq, scale, qk_scale, heads, tq, tk, *strides,
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        D=dim, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, **cfg)
+    if broadcast:
+        dk = dk.sum(dim=0, keepdim=True).to(k.dtype)
+        dv = dv.sum(dim=0, keepdim=True).to(v.dtype)
+    return dq, dk, dv
+
+
+class PromptAttentionFunction(torch.autograd.Function):
+    """Autograd of prompt_attention over ``svpt::prompt_attention`` and
+    ``svpt::prompt_attention_backward``. Saves q, k, v, the output and the row log-sum-exp
+    (O(T) per row), never the probabilities."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, row_start, row_count, col_start):
+        out, lse, saliency = _prompt_attention_op(q, k, v, scale, row_start, row_count, col_start)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse, saliency)
+        return out, lse, saliency
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse, _grad_saliency):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _prompt_attention_backward_op(grad_out, q, k, v, out, lse, ctx.scale)
+        need = ctx.needs_input_grad
+        return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+                None, None, None, None)
+
+
+def _check(q, k, v, saliency_rows, saliency_cols):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("prompt_attention: q, k, v must be [B, T, H, D]")
+    batch, tq, heads, dim = q.shape
+    if k.shape != v.shape or k.shape[0] not in (1, batch) or k.shape[2:] != (heads, dim) or k.shape[1] < 1:
+        raise ValueError(f"prompt_attention: k {tuple(k.shape)} / v {tuple(v.shape)} must be "
+                         f"[1 or {batch}, Tk >= 1, {heads}, {dim}] for q {tuple(q.shape)}")
+    if dim > 256:
+        raise ValueError(f"prompt_attention: head dim {dim} > 256 is not supported by the Triton kernels")
+    if saliency_rows is not None:
+        start, count = saliency_rows
+        if count < 1 or start < 0 or start + count > tq or not 0 <= saliency_cols < k.shape[1]:
+            raise ValueError(f"prompt_attention: saliency rows {saliency_rows} / cols {saliency_cols} "
+                             f"out of range for Tq={tq}, Tk={k.shape[1]}")
+
+
+def prompt_attention(q, k, v, scale, saliency_rows=None, saliency_cols=0):
+    """Triton prompt_attention; same contract as :func:`svpt.ops.prompt_attention`."""
+    _check(q, k, v, saliency_rows, saliency_cols)
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    if dtype not in _common.KERNEL_DTYPES:
+        from svpt import reference  # float64 and others: the kernels are written for fp32/fp16/bf16
+        return reference.prompt_attention(q, k, v, scale, saliency_rows, saliency_cols)
+    q, k, v = (last_dim_contiguous(t.to(dtype)) for t in (q, k, v))
+    start, count = saliency_rows if saliency_rows is not None else (0, 0)
+    out, _lse, saliency = PromptAttentionFunction.apply(q, k, v, float(scale), int(start), int(count),
+                                                        int(saliency_cols))
+    return out, (saliency if saliency_rows is not None else None)
