@@ -5,6 +5,11 @@ A backend is a module that implements every op of :mod:`svpt.ops` with the same 
 returning ``None`` when it can run on that device (any device when ``None``) or a sentence
 saying why not, and ``AUTO_DEVICE_TYPES``, the device types on which ``"auto"`` may pick it
 (e.g. Triton's interpreter runs on CPU for tests, but ``"auto"`` must not choose it there).
+A backend also lists in ``FAST_PATHS`` the exact fast-path ops (``prompt_kv_attention``,
+``folded_cross_attention``) that the methods should call on it instead of their plain path;
+the eager reference implements them but lists none, since it is the plain path's ground truth.
+A backend opts in by implementing the op and adding its name there; nothing else changes.
+``fast_paths(False)`` (or ``SVPT_FAST_PATHS=0``) turns them off everywhere, to compare.
 
 Select with ``svpt.set_backend(name)``, ``with svpt.backend(name):`` or the environment
 variable ``SVPT_BACKEND`` (read at import). Model code never chooses a backend itself: it
@@ -22,7 +27,8 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["available_backends", "backend", "get_backend", "register_backend", "set_backend"]
+__all__ = ["available_backends", "backend", "fast_paths", "get_backend", "has_fast_path",
+           "register_backend", "set_backend"]
 
 
 @dataclass
@@ -146,6 +152,26 @@ def resolve(device: torch.device) -> ModuleType:
         raise RuntimeError(f"svpt backend {_current!r} cannot run on {device}: {reason}; "
                            f"usable here: {available_backends(device)}")
     return module
+
+
+_fast_paths_on = os.environ.get("SVPT_FAST_PATHS", "1") != "0"
+
+
+def has_fast_path(op: str, device: torch.device) -> bool:
+    """Whether the backend that runs ops on ``device`` lists ``op`` in its ``FAST_PATHS``."""
+    return _fast_paths_on and op in getattr(resolve(device), "FAST_PATHS", ())
+
+
+@contextlib.contextmanager
+def fast_paths(enabled: bool) -> Iterator[None]:
+    """Context manager: let the methods use their backend's fast paths (``True``, the default)
+    or always run their plain path (``False``)."""
+    global _fast_paths_on
+    previous, _fast_paths_on = _fast_paths_on, bool(enabled)
+    try:
+        yield
+    finally:
+        _fast_paths_on = previous
 
 
 def describe() -> dict[str, str | None]:

@@ -3,6 +3,11 @@
 Shapes: B batch, T tokens (prefix, prompts, patches), M prompts, H heads, D head dim,
 d width. Every backend computes the same function (METHOD.md); :mod:`svpt.reference`
 is the ground truth. The backend is chosen by :mod:`svpt.backends`, never here.
+
+``prompt_kv_attention`` and ``folded_cross_attention`` are the exact fast paths of VPT-deep
+and CVPT (METHOD.md, "Fast path"). Every backend implements them (the reference too, for the
+tests), but the methods call them only where :func:`fast_path` says the backend in use
+offers them; otherwise they run the plain path, which on the eager reference is always.
 """
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ import torch
 
 from . import backends
 
-__all__ = ["ae_update", "da_mix", "prompt_attention"]
+__all__ = ["ae_update", "da_mix", "fast_path", "folded_cross_attention", "prompt_attention",
+           "prompt_kv_attention"]
 
 
 def da_mix(tokens: torch.Tensor, prompts: torch.Tensor, weight: torch.Tensor,
@@ -51,3 +57,35 @@ def ae_update(tokens: torch.Tensor, attn_out: torch.Tensor, saliency: torch.Tens
     """
     return backends.resolve(tokens.device).ae_update(tokens, attn_out, saliency, scale,
                                                      num_prefix, num_prompts, k)
+
+
+def fast_path(op: str, device: torch.device) -> bool:
+    """Whether the backend running ops on ``device`` offers the fast-path op ``op``
+    (``"prompt_kv_attention"`` or ``"folded_cross_attention"``) and fast paths are enabled."""
+    return backends.has_fast_path(op, device)
+
+
+def prompt_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_k: torch.Tensor,
+                        prompt_v: torch.Tensor, scale: float) -> torch.Tensor:
+    """VPT-deep's KV-only attention: softmax attention of the queries ``q`` [B, Tq, H, D] over the
+    keys/values ``[prompt_k; k]``, ``[prompt_v; v]``, the prompt segment ``prompt_k``/``prompt_v``
+    [1 or B, M, H, D] (batch 1: computed once per step) read separately from ``k``, ``v``
+    [B, Tk, H, D]. Returns ``out`` [B, Tq, H, D]; gradients reach all five inputs (the prompt
+    segment's summed over the batch when it has batch 1).
+    """
+    return backends.resolve(q.device).prompt_kv_attention(q, k, v, prompt_k, prompt_v, scale)
+
+
+def folded_cross_attention(x: torch.Tensor, w_logits: torch.Tensor, b_logits: torch.Tensor | None,
+                           w_values: torch.Tensor, bias: torch.Tensor | None = None,
+                           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """CVPT's cross-attention with the frozen projections folded into the prompts' keys and values.
+
+    ``x`` [..., d]; ``w_logits`` [H, M, d] (head h: ``scale * k_h W_q,h``), ``b_logits`` [H, M]
+    (``scale * k_h b_q,h``) or ``None``; ``w_values`` [H, M, d] (``v_h W_o,h``); ``bias`` [d] (the
+    output projection's) or ``None``. Returns
+    ``residual + sum_h softmax_M(x w_logits[h]^T + b_logits[h]) w_values[h] + bias``
+    (``residual`` [..., d] or ``None``; passing ``x`` itself lets a backend fuse the add).
+    Under autocast the products run in the autocast dtype, as F.linear's would.
+    """
+    return backends.resolve(x.device).folded_cross_attention(x, w_logits, b_logits, w_values, bias, residual)

@@ -6,6 +6,7 @@ research code does. Docstrings of the ops live in :mod:`svpt.ops`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def da_mix(tokens, prompts, weight, bias, num_prefix):
@@ -34,3 +35,18 @@ def ae_update(tokens, attn_out, saliency, scale, num_prefix, num_prompts, k):
     u = scale * h[:, num_prefix:first_patch].mean(dim=1)  # [B, d]
     index = rows.unsqueeze(-1).expand(-1, -1, h.shape[-1])
     return h.scatter_add(1, index, u.unsqueeze(1).expand(-1, k, -1).to(h.dtype))
+
+
+def prompt_kv_attention(q, k, v, prompt_k, prompt_v, scale):
+    batch = q.shape[0]
+    k = torch.cat([prompt_k.expand(batch, -1, -1, -1), k], dim=1)
+    v = torch.cat([prompt_v.expand(batch, -1, -1, -1), v], dim=1)
+    return prompt_attention(q, k, v, scale)[0]
+
+
+def folded_cross_attention(x, w_logits, b_logits, w_values, bias=None, residual=None):
+    heads, num_prompts, width = w_logits.shape
+    logits = F.linear(x, w_logits.reshape(-1, width), None if b_logits is None else b_logits.reshape(-1))
+    probs = logits.unflatten(-1, (heads, num_prompts)).softmax(dim=-1).flatten(-2)
+    out = F.linear(probs, w_values.reshape(-1, width).t(), bias)
+    return out if residual is None else residual + out

@@ -1,12 +1,13 @@
 """What every method shares: the prompt parameters' base module and the backbone's sub-layers.
 
 The sub-layers reproduce timm's pre-norm ``Block`` in eval mode (dropout and drop-path are
-identities there), with attention routed through :func:`svpt.ops.prompt_attention` so
-that every backend can run it.
+identities there), with attention routed through :func:`svpt.ops.prompt_attention` (or, on
+VPT-deep's fast path, :func:`svpt.ops.prompt_kv_attention`) so that every backend can run it.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import ClassVar
 
 import torch
@@ -18,19 +19,38 @@ from .. import ops
 
 
 def self_attention(block: nn.Module, x: torch.Tensor, saliency_rows: tuple[int, int] | None = None,
-                   saliency_cols: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``ls1(MSA(LN1(x)))`` as the block computes it, and AE's saliency when asked."""
+                   saliency_cols: int = 0, prompt_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``ls1(MSA(LN1(x)))`` as the block computes it, and AE's saliency when asked.
+
+    With ``prompt_kv`` (from :func:`prompt_keys_values`), the attention of ``x``'s rows also
+    sees those extra keys/values, as if their tokens were in the sequence (VPT-deep's fast path).
+    """
     attn = block.attn
     batch, tokens, _ = x.shape
     y = block.norm1(x)
     q, k, v = attn.qkv(y).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).unbind(2)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    out, saliency = ops.prompt_attention(q, k, v, attn.scale, saliency_rows, saliency_cols)
+    if prompt_kv is None:
+        out, saliency = ops.prompt_attention(q, k, v, attn.scale, saliency_rows, saliency_cols)
+    else:
+        out, saliency = ops.prompt_kv_attention(q, k, v, *prompt_kv, attn.scale), None
     out = attn.norm(out.reshape(batch, tokens, -1))
     gate = getattr(attn, "gate", None)  # timm >= 1.0.30 gated attention
     if gate is not None:
         out = out * gate(y).sigmoid()
     return block.ls1(attn.proj(out)), saliency
+
+
+def prompt_keys_values(block: nn.Module, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values the block's attention gives prompt tokens ``prompts`` [1 or B, M, d]:
+    ``k_norm(LN1(P) W_k + b_k)`` and ``LN1(P) W_v + b_v``, [1 or B, M, H, D], without their queries."""
+    attn = block.attn
+    width = prompts.shape[-1]
+    bias = attn.qkv.bias
+    kv = F.linear(block.norm1(prompts), attn.qkv.weight[width:], None if bias is None else bias[width:])
+    k, v = kv.reshape(prompts.shape[0], prompts.shape[1], 2, attn.num_heads, attn.head_dim).unbind(2)
+    return attn.k_norm(k), v
 
 
 def mlp_residual(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -87,6 +107,7 @@ class PromptMethod(nn.Module):
         self.prompt_dropout = prompt_dropout
         bound = vpt_init_bound(patch_size, width)
         self.prompts = nn.Parameter(torch.empty(prompt_layers, num_prompts, width).uniform_(-bound, bound))
+        self._fast_path_warned: set[str] = set()
 
     def layer_prompts(self, layer: int, batch: int) -> torch.Tensor:
         """``P[layer]`` as [1, M, d], or [B, M, d] with independent dropout per sample."""
@@ -97,13 +118,35 @@ class PromptMethod(nn.Module):
 
     def forward(self, x: torch.Tensor, blocks: nn.Sequential, use_checkpoint: bool = False) -> torch.Tensor:
         """Run ``blocks`` on ``x`` = [prefix, patches] the method's way; returns the same layout."""
-        x = self.enter(x)
+        return self.leave(self.run_blocks(self.block, self.enter(x), blocks, use_checkpoint))
+
+    @staticmethod
+    def run_blocks(block_fn, x: torch.Tensor, blocks: nn.Sequential, use_checkpoint: bool) -> torch.Tensor:
+        """``x = block_fn(layer, blk, x)`` for each block, checkpointed when asked."""
         for layer, blk in enumerate(blocks):
             if use_checkpoint and torch.is_grad_enabled():
-                x = checkpoint(self.block, layer, blk, x, use_reentrant=False)
+                x = checkpoint(block_fn, layer, blk, x, use_reentrant=False)
             else:
-                x = self.block(layer, blk, x)
-        return self.leave(x)
+                x = block_fn(layer, blk, x)
+        return x
+
+    def fast_path(self, op: str, device: torch.device, inexact: str | None = None) -> bool:
+        """Whether to run the exact fast path ``op`` (METHOD.md, "Fast path") here: the backend
+        offers it, the prompts are the same for every sample (no prompt dropout in training)
+        and nothing else makes it inexact (``inexact``: why, or ``None``). When only the
+        latter conditions stop it, says so once per model (a warning) and returns ``False``."""
+        if not ops.fast_path(op, device):
+            return False
+        if self.training and self.prompt_dropout > 0:
+            inexact = (f"prompt dropout ({self.prompt_dropout}) is active in training, so the prompts "
+                       "differ per sample")
+        if inexact is None:
+            return True
+        if op not in self._fast_path_warned:
+            self._fast_path_warned.add(op)
+            warnings.warn(f"svpt {self.method}: the {op} fast path does not apply ({inexact}); "
+                          "running the plain path", RuntimeWarning, stacklevel=3)
+        return False
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
         return x

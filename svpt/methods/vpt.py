@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import PromptMethod, insert_prompts, plain_block, remove_prompts, replace_prompts
+from .base import (PromptMethod, insert_prompts, mlp_residual, plain_block, prompt_keys_values,
+                   remove_prompts, replace_prompts, self_attention)
 
 
 class _VPT(PromptMethod):
@@ -32,14 +33,29 @@ class VPTShallow(_VPT):
 
 
 class VPTDeep(_VPT):
-    """``prompts`` [L, M, d]: before block l the prompt rows are overwritten with ``P[l]``."""
+    """``prompts`` [L, M, d]: before block l the prompt rows are overwritten with ``P[l]``.
+
+    Fast path (exact; METHOD.md): block l's prompt outputs are discarded, so the prompts never
+    enter the sequence; each block's attention gets their keys and values, computed once for
+    the batch, as an extra key/value segment (``ops.prompt_kv_attention``).
+    """
 
     method = "vpt-deep"
 
     def __init__(self, **kwargs) -> None:
         super().__init__(prompt_layers=kwargs["depth"], **kwargs)
 
+    def forward(self, x: torch.Tensor, blocks: nn.Sequential, use_checkpoint: bool = False) -> torch.Tensor:
+        if self.fast_path("prompt_kv_attention", x.device):
+            return self.run_blocks(self.kv_only_block, x, blocks, use_checkpoint)
+        return super().forward(x, blocks, use_checkpoint)
+
     def block(self, layer: int, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if layer > 0:
             x = replace_prompts(x, self.layer_prompts(layer, x.shape[0]), self.num_prefix)
         return plain_block(blk, x)
+
+    def kv_only_block(self, layer: int, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Block ``layer`` on ``x`` = [prefix, patches]: what the plain block gives those rows."""
+        prompt_kv = prompt_keys_values(blk, self.layer_prompts(layer, 1).to(x.dtype))
+        return mlp_residual(blk, x + self_attention(blk, x, prompt_kv=prompt_kv)[0])

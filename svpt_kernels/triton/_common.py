@@ -1,4 +1,4 @@
-"""What the three Triton op modules share: interpreter detection, op registration, dtypes."""
+"""What the Triton op modules share: interpreter detection, op registration, dtypes."""
 from __future__ import annotations
 
 import os
@@ -45,3 +45,11 @@ def next_pow2(n: int) -> int:
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """Kernels take arbitrary outer strides (qkv views) but need unit stride on the last dim."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def autocast_dtype(device: torch.device) -> "torch.dtype | None":
+    """The dtype autocast runs matmuls in on ``device``'s type, or ``None`` when it is off there
+    (ops whose products the wrapper, not the dispatcher, casts need to follow it like F.linear)."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)

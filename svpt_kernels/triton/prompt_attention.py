@@ -8,7 +8,9 @@ over only those rows that recomputes their probabilities from the final log-sum-
 The backward recomputes the probabilities block by block: one kernel per key block
 accumulates dK and dV over all query blocks, one per query block accumulates dQ, so no
 reduction needs atomics. k/v with batch 1 (CVPT's prompts) are broadcast over the batch; their
-gradients are written per sample and summed afterwards.
+gradients are written per sample and summed afterwards. The forward and dQ kernels also take an
+optional leading key/value segment read from separate tensors (VPT-deep's prompt keys/values,
+see prompt_kv_attention.py); here it is empty.
 
 Any T (rows and columns are masked), head dims up to 256 (padded to a power of two with
 masked loads), fp32 inputs use full-fp32 products (``input_precision="ieee"``), and fp16/bf16
@@ -37,28 +39,10 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _prompt_attention_fwd_kernel(
-        Q, K, V, OUT, LSE, qk_scale, H, Tq, Tk,
-        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-        stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
-        D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        IEEE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+def _attend(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, Tk, offs_d, d_ok, qk_scale,
+            BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """Online softmax: fold the Tk keys/values at k_base/v_base into (acc, m_i, l_i)."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < D
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=(offs_m < Tq)[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for start_n in range(0, Tk, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < Tk
@@ -74,6 +58,38 @@ def _prompt_attention_fwd_kernel(
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _prompt_attention_fwd_kernel(
+        Q, K, V, KP, VP, OUT, LSE, qk_scale, H, Tq, Tk, Tp,
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh, stride_kpb, stride_kpt, stride_kph,
+        stride_vpb, stride_vpt, stride_vph, stride_ob, stride_ot, stride_oh,
+        D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr):
+    # Keys/values: the Tp rows of KP/VP (prompt_kv_attention's prompt segment; Tp = 0 for
+    # prompt_attention), then the Tk rows of K/V; softmax order does not matter.
+    pid_m = tl.program_id(0)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < D
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=(offs_m < Tq)[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, KP + b * stride_kpb + h * stride_kph,
+                            VP + b * stride_vpb + h * stride_vph, stride_kpt, stride_vpt, Tp,
+                            offs_d, d_ok, qk_scale, BLOCK_N, IEEE)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, K + b * stride_kb + h * stride_kh,
+                            V + b * stride_vb + h * stride_vh, stride_kt, stride_vt, Tk,
+                            offs_d, d_ok, qk_scale, BLOCK_N, IEEE)
     out = acc / l_i[:, None]
     m_ok = offs_m < Tq
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
@@ -179,10 +195,30 @@ def _prompt_attention_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_accumulate(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, Tk, offs_d, d_ok,
+                   qk_scale, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """Add the Tk keys/values at k_base/v_base's share of dQ (unscaled) to dq."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(0, Tk, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < Tk
+        kv_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_ok, other=0.0)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale
+        p = tl.where(n_ok[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, IEEE)
+    return dq
+
+
+@triton.jit
 def _prompt_attention_bwd_dq_kernel(
-        Q, K, V, GRAD_OUT, LSE, DELTA, DQ, sm_scale, qk_scale, H, Tq, Tk,
+        Q, K, V, KP, VP, GRAD_OUT, LSE, DELTA, DQ, sm_scale, qk_scale, H, Tq, Tk, Tp,
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-        stride_vb, stride_vt, stride_vh, stride_gb, stride_gt, stride_gh,
+        stride_vb, stride_vt, stride_vh, stride_kpb, stride_kpt, stride_kph,
+        stride_vpb, stride_vpt, stride_vph, stride_gb, stride_gt, stride_gh,
         stride_dqb, stride_dqt, stride_dqh,
         D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         IEEE: tl.constexpr):
@@ -193,7 +229,6 @@ def _prompt_attention_bwd_dq_kernel(
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < D
     m_ok = offs_m < Tq
@@ -206,19 +241,12 @@ def _prompt_attention_bwd_dq_kernel(
     lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    for start_n in range(0, Tk, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_ok = offs_n < Tk
-        kv_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_ok, other=0.0)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale
-        p = tl.where(n_ok[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), IEEE)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, IEEE)
+    dq = _dq_accumulate(dq, q, do, lse, delta, KP + b * stride_kpb + h * stride_kph,
+                        VP + b * stride_vpb + h * stride_vph, stride_kpt, stride_vpt, Tp,
+                        offs_d, d_ok, qk_scale, BLOCK_N, IEEE)
+    dq = _dq_accumulate(dq, q, do, lse, delta, K + b * stride_kb + h * stride_kh,
+                        V + b * stride_vb + h * stride_vh, stride_kt, stride_vt, Tk,
+                        offs_d, d_ok, qk_scale, BLOCK_N, IEEE)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=qm_ok)
@@ -247,6 +275,30 @@ def _kv_batch_stride(t: torch.Tensor) -> int:
     return 0 if t.shape[0] == 1 else t.stride(0)
 
 
+def _segment_args(k: torch.Tensor, v: torch.Tensor) -> tuple:
+    return (_kv_batch_stride(k), k.stride(1), k.stride(2), _kv_batch_stride(v), v.stride(1), v.stride(2))
+
+
+def attention_forward(q, k, v, scale, prompt_k=None, prompt_v=None):
+    """Launch the forward kernel: ``out`` [B, Tq, H, D] and the row log-sum-exp [B, H, Tq]
+    (log2 units) over the keys/values ``prompt_k/v`` (optional, [1 or B, Tp, H, D]) and
+    ``k/v``, each read in place. Shared by prompt_attention and prompt_kv_attention."""
+    batch, tq, heads, dim = q.shape
+    d_pad = max(16, next_pow2(dim))
+    out = torch.empty((batch, tq, heads, dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, tq), dtype=torch.float32, device=q.device)
+    # No prompt segment: a zero-length one (the kernel's loop over it does not run).
+    kp, vp, tp = (k, v, 0) if prompt_k is None else (prompt_k, prompt_v, prompt_k.shape[1])
+    cfg = _config(d_pad, q.dtype)
+    block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    launch(_prompt_attention_fwd_kernel)[(triton.cdiv(tq, block_m), batch * heads)](
+        q, k, v, kp, vp, out, lse, scale * _LOG2E, heads, tq, k.shape[1], tp,
+        q.stride(0), q.stride(1), q.stride(2), *_segment_args(k, v), *_segment_args(kp, vp),
+        out.stride(0), out.stride(1), out.stride(2),
+        D=dim, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=q.dtype == torch.float32, **cfg)
+    return out, lse
+
+
 def _fwd_fake(q, k, v, scale, row_start, row_count, col_start):
     batch, tq, heads, _ = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -261,28 +313,67 @@ def _prompt_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
                          col_start: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, tq, heads, dim = q.shape
     tk = k.shape[1]
-    d_pad = max(16, next_pow2(dim))
-    ieee = q.dtype == torch.float32
-    qk_scale = scale * _LOG2E
-    out = torch.empty((batch, tq, heads, dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, heads, tq), dtype=torch.float32, device=q.device)
-    cfg = _config(d_pad, q.dtype)
-    block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    launch(_prompt_attention_fwd_kernel)[(triton.cdiv(tq, block_m), batch * heads)](
-        q, k, v, out, lse, qk_scale, heads, tq, tk,
-        q.stride(0), q.stride(1), q.stride(2), _kv_batch_stride(k), k.stride(1), k.stride(2),
-        _kv_batch_stride(v), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        D=dim, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, **cfg)
+    out, lse = attention_forward(q, k, v, scale)
     if row_count == 0:
         return out, lse, torch.empty((0,), dtype=torch.float32, device=q.device)
     saliency = torch.empty((batch, tk - col_start), dtype=torch.float32, device=q.device)
     block_s = 16 if _common.INTERPRET else 64
     launch(_prompt_attention_saliency_kernel)[(triton.cdiv(tk - col_start, block_s), batch)](
-        q, k, lse, saliency, qk_scale, heads, tq, tk, row_start, row_count, col_start,
+        q, k, lse, saliency, scale * _LOG2E, heads, tq, tk, row_start, row_count, col_start,
         q.stride(0), q.stride(1), q.stride(2), _kv_batch_stride(k), k.stride(1), k.stride(2),
-        D=dim, D_PAD=d_pad, BLOCK_R=16, BLOCK_N=block_s, IEEE=ieee,
-        num_warps=1 if _common.INTERPRET else 4)
+        D=dim, D_PAD=max(16, next_pow2(dim)), BLOCK_R=16, BLOCK_N=block_s,
+        IEEE=q.dtype == torch.float32, num_warps=1 if _common.INTERPRET else 4)
     return out, lse, saliency
+
+
+def _key_value_grads(q, k, v, grad_out, lse, delta, scale, cfg):
+    """dK, dV of one key/value segment: one program per key block and (sample, head), looping
+    over all query blocks. Batch-1 (broadcast) k/v: per-sample fp32 gradients, summed over the
+    batch afterwards (deterministic, no atomics)."""
+    batch, tq, heads, dim = q.shape
+    tk = k.shape[1]
+    broadcast = k.shape[0] == 1 and batch > 1
+    grad_dtype = torch.float32 if broadcast else k.dtype
+    dk = torch.empty((batch, tk, heads, dim), dtype=grad_dtype, device=q.device)
+    dv = torch.empty((batch, tk, heads, dim), dtype=grad_dtype, device=q.device)
+    launch(_prompt_attention_bwd_dkdv_kernel)[(triton.cdiv(tk, cfg["BLOCK_N"]), batch * heads)](
+        q, k, v, grad_out, lse, delta, dk, dv, scale, scale * _LOG2E, heads, tq, tk,
+        q.stride(0), q.stride(1), q.stride(2), *_segment_args(k, v),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        D=dim, D_PAD=max(16, next_pow2(dim)), IEEE=q.dtype == torch.float32, **cfg)
+    if broadcast:
+        return dk.sum(dim=0, keepdim=True).to(k.dtype), dv.sum(dim=0, keepdim=True).to(v.dtype)
+    return dk, dv
+
+
+def attention_backward(grad_out, q, k, v, out, lse, scale, prompt_k=None, prompt_v=None):
+    """Gradients of :func:`attention_forward`: ``(dq, dk, dv, dprompt_k, dprompt_v)``, the last
+    two ``None`` without a prompt segment."""
+    batch, tq, heads, dim = q.shape
+    d_pad = max(16, next_pow2(dim))
+    grad_out = last_dim_contiguous(grad_out)
+    delta = torch.empty((batch, heads, tq), dtype=torch.float32, device=q.device)
+    block_delta = 16 if _common.INTERPRET else 64
+    launch(_prompt_attention_bwd_delta_kernel)[(triton.cdiv(tq, block_delta), batch * heads)](
+        out, grad_out, delta, heads, tq, out.stride(0), out.stride(1), out.stride(2),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        D=dim, D_PAD=d_pad, BLOCK_M=block_delta, num_warps=1 if _common.INTERPRET else 4)
+    cfg = _bwd_config(d_pad, q.dtype)
+    dk, dv = _key_value_grads(q, k, v, grad_out, lse, delta, scale, cfg)
+    dkp = dvp = None
+    kp, vp, tp = (k, v, 0) if prompt_k is None else (prompt_k, prompt_v, prompt_k.shape[1])
+    if prompt_k is not None:
+        dkp, dvp = _key_value_grads(q, prompt_k, prompt_v, grad_out, lse, delta, scale, cfg)
+    dq = torch.empty((batch, tq, heads, dim), dtype=q.dtype, device=q.device)
+    block_m = cfg.pop("BLOCK_M")
+    launch(_prompt_attention_bwd_dq_kernel)[(triton.cdiv(tq, block_m), batch * heads)](
+        q, k, v, kp, vp, grad_out, lse, delta, dq, scale, scale * _LOG2E, heads, tq, k.shape[1], tp,
+        q.stride(0), q.stride(1), q.stride(2), *_segment_args(k, v), *_segment_args(kp, vp),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        D=dim, D_PAD=d_pad, BLOCK_M=block_m, IEEE=q.dtype == torch.float32, **cfg)
+    return dq, dk, dv, dkp, dvp
 
 
 def _bwd_fake(grad_out, q, k, v, out, lse, scale):
@@ -295,41 +386,7 @@ def _bwd_fake(grad_out, q, k, v, out, lse, scale):
 def _prompt_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                                   v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                                   scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch, tq, heads, dim = q.shape
-    kv_batch, tk = k.shape[0], k.shape[1]
-    d_pad = max(16, next_pow2(dim))
-    ieee = q.dtype == torch.float32
-    qk_scale = scale * _LOG2E
-    grad_out = last_dim_contiguous(grad_out)
-    delta = torch.empty((batch, heads, tq), dtype=torch.float32, device=q.device)
-    block_delta = 16 if _common.INTERPRET else 64
-    launch(_prompt_attention_bwd_delta_kernel)[(triton.cdiv(tq, block_delta), batch * heads)](
-        out, grad_out, delta, heads, tq, out.stride(0), out.stride(1), out.stride(2),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        D=dim, D_PAD=d_pad, BLOCK_M=block_delta, num_warps=1 if _common.INTERPRET else 4)
-    cfg = _bwd_config(d_pad, q.dtype)
-    block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    dq = torch.empty((batch, tq, heads, dim), dtype=q.dtype, device=q.device)
-    # Broadcast k/v: per-sample fp32 gradients, summed over the batch below (no atomics).
-    broadcast = kv_batch == 1 and batch > 1
-    grad_kv_dtype = torch.float32 if broadcast else k.dtype
-    dk = torch.empty((batch, tk, heads, dim), dtype=grad_kv_dtype, device=q.device)
-    dv = torch.empty((batch, tk, heads, dim), dtype=grad_kv_dtype, device=q.device)
-    strides = (q.stride(0), q.stride(1), q.stride(2), _kv_batch_stride(k), k.stride(1), k.stride(2),
-               _kv_batch_stride(v), v.stride(1), v.stride(2),
-               grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
-    launch(_prompt_attention_bwd_dkdv_kernel)[(triton.cdiv(tk, block_n), batch * heads)](
-        q, k, v, grad_out, lse, delta, dk, dv, scale, qk_scale, heads, tq, tk, *strides,
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        D=dim, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, **cfg)
-    launch(_prompt_attention_bwd_dq_kernel)[(triton.cdiv(tq, block_m), batch * heads)](
-        q, k, v, grad_out, lse, delta, dq, scale, qk_scale, heads, tq, tk, *strides,
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        D=dim, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, **cfg)
-    if broadcast:
-        dk = dk.sum(dim=0, keepdim=True).to(k.dtype)
-        dv = dv.sum(dim=0, keepdim=True).to(v.dtype)
-    return dq, dk, dv
+    return attention_backward(grad_out, q, k, v, out, lse, scale)[:3]
 
 
 class PromptAttentionFunction(torch.autograd.Function):
