@@ -1,0 +1,93 @@
+"""Every setting of a training run; saved as ``config.json`` in the run directory."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message says what is accepted."""
+
+
+# Settings that may differ when a run is resumed: they do not change what is computed.
+RESUME_MAY_CHANGE = ("workers", "threads", "stop_after_epoch", "output", "progress")
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str | None = None            # timm name; None: the quick-start model (backbone.QUICKSTART)
+    model_kwargs: dict = field(default_factory=dict)
+    weights: str | None = None
+    img_size: int | None = None         # None: the data's own size (built-in data) or the model's
+    # method
+    method: str = "svpt"
+    num_prompts: int = 8
+    options: dict = field(default_factory=dict)  # METHOD.md options given explicitly
+    backend: str = "auto"
+    # data
+    data: str | None = None             # None: built-in data
+    train_split: str | None = None
+    eval_split: str | None = None
+    val_fraction: float = 0.1
+    limit_train: int | None = None
+    limit_eval: int | None = None
+    # optimisation
+    epochs: int = 4
+    batch_size: int = 32                # global: split evenly over the processes
+    lr: float = 3e-2
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    warmup_epochs: float = 0.5
+    seed: int = 0
+    amp: bool = True                    # bf16 autocast on CUDA (ignored on CPU)
+    # run
+    output: str | None = None
+    workers: int | None = None
+    threads: int | None = None          # CPU intra-op threads; None: 1 for the quick-start model, else torch's
+    device: str | None = None
+    stop_after_epoch: int | None = None
+    progress: str = "auto"              # auto (bar on a TTY, lines otherwise), bar, lines, none
+
+    def check(self) -> "TrainConfig":
+        positive = {"num_prompts": self.num_prompts, "epochs": self.epochs, "batch_size": self.batch_size}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {value!r} is not accepted; it must be an integer >= 1")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"--optimizer {self.optimizer!r} is not accepted; accepted: sgd, adamw")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr {self.lr} is not accepted; it must be > 0")
+        if self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise ConfigError("--weight-decay and --warmup-epochs must be >= 0")
+        if self.progress not in ("auto", "bar", "lines", "none"):
+            raise ConfigError(f"--progress {self.progress!r} is not accepted; accepted: auto, bar, lines, none")
+        for name in ("limit_train", "limit_eval", "img_size", "stop_after_epoch", "threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"--{name.replace('_', '-')} {value!r} is not accepted; it must be an integer >= 1")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"config has unknown settings {unknown}; was it written by another svpt version?")
+        return cls(**data)
+
+
+def read_run_config(run_dir: str) -> dict[str, Any]:
+    """The ``config.json`` of a run directory: the settings and what they resolved to."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{run_dir} is not an svpt run directory (no config.json)")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

@@ -1,0 +1,83 @@
+"""Metrics of a run: ``metrics.jsonl`` (one line per epoch), ``steps.jsonl`` (loss and
+learning rate of every step), ``metrics.csv`` and ``curves.png`` (rewritten each epoch)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+
+from .state import atomic_write
+
+EPOCH_FILE, STEP_FILE, CSV_FILE, PLOT_FILE = "metrics.jsonl", "steps.jsonl", "metrics.csv", "curves.png"
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+class RunRecords:
+    """Appends each epoch's metrics; on resume, drops lines of epochs after the checkpoint
+    (written by a run that crashed before its checkpoint), so each epoch appears once."""
+
+    def __init__(self, run_dir: str, keep_epochs: int):
+        self.run_dir = run_dir
+        self.epochs = [r for r in read_jsonl(self._path(EPOCH_FILE)) if r["epoch"] <= keep_epochs]
+        self.steps = [r for r in read_jsonl(self._path(STEP_FILE)) if r["epoch"] <= keep_epochs]
+        _write_jsonl(self._path(EPOCH_FILE), self.epochs)
+        _write_jsonl(self._path(STEP_FILE), self.steps)
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.run_dir, name)
+
+    def add_epoch(self, row: dict, step_rows: list[dict]) -> None:
+        self.epochs.append(row)
+        self.steps.extend(step_rows)
+        with open(self._path(STEP_FILE), "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in step_rows))
+        with open(self._path(EPOCH_FILE), "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        self._write_csv()
+        plot_curves(self.epochs, self.steps, self._path(PLOT_FILE))
+
+    def _write_csv(self) -> None:
+        fields = list(dict.fromkeys(k for r in self.epochs for k in r))
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(self.epochs)
+        atomic_write(self._path(CSV_FILE), out.getvalue().encode())
+
+
+def plot_curves(epochs: list[dict], steps: list[dict], path: str) -> None:
+    """Loss (per step and per epoch, train and eval) and accuracy against epochs, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    if steps:
+        ax_loss.plot([s["epoch_float"] for s in steps], [s["loss"] for s in steps],
+                     color="tab:blue", alpha=0.3, linewidth=0.8, label="train (step)")
+    x = [r["epoch"] for r in epochs]
+    ax_loss.plot(x, [r["train_loss"] for r in epochs], "o-", color="tab:blue", label="train (epoch)")
+    ax_loss.plot(x, [r["eval_loss"] for r in epochs], "s-", color="tab:orange", label="eval")
+    ax_acc.plot(x, [r["train_acc"] for r in epochs], "o-", color="tab:blue", label="train")
+    ax_acc.plot(x, [r["eval_acc"] for r in epochs], "s-", color="tab:orange", label="eval")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(path, buffer.getvalue())

@@ -1,0 +1,75 @@
+"""Run-directory files that must never be half-written: the resume state and its writes.
+
+``resume.pt`` holds everything a resumed run needs to continue exactly as if it had not
+stopped: the trainable tensors, optimizer and scheduler state, the number of finished
+epochs and the RNG states of every process. It is written to a temporary file and renamed,
+so a crash leaves the previous epoch's file intact.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+RESUME_FILE = "resume.pt"
+_FORMAT = "svpt-resume-1"
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is always either the old or the new file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself must survive a crash
+    finally:
+        os.close(dir_fd)
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state: dict[str, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_resume(path: str, *, epoch: int, step: int, trainable: dict, optimizer, scheduler,
+                rng: list[dict], best: dict, config: dict) -> None:
+    state = {"format": _FORMAT, "epoch": epoch, "step": step,
+             "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": rng, "world_size": len(rng), "best": best, "config": config}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def load_resume(path: str) -> dict[str, Any]:
+    from .config import ConfigError
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"cannot resume: {path} does not exist (the run has not finished an epoch yet?)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip errors vary; the file is unusable either way
+        raise ConfigError(f"cannot resume: {path} is not readable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        raise ConfigError(f"cannot resume: {path} is not an svpt resume file ({_FORMAT})")
+    return state
