@@ -68,11 +68,9 @@ def _metadata(model) -> dict[str, str]:
             "options": json.dumps(options, sort_keys=True)}
 
 
-def save_prompts(model, path: str | os.PathLike) -> None:
-    """Write the prompt state dict to ``path`` (safetensors) atomically: a crash leaves the
-    previous file intact, never a half-written one."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in prompt_state_dict(model).items()}
-    data = save_safetensors(tensors, metadata=_metadata(model))
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is always either the old or the new file:
+    a temporary file in the same directory, fsync'd, then renamed over ``path``."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
@@ -91,6 +89,13 @@ def save_prompts(model, path: str | os.PathLike) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def save_prompts(model, path: str | os.PathLike) -> None:
+    """Write the prompt state dict to ``path`` (safetensors) atomically: a crash leaves the
+    previous file intact, never a half-written one."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in prompt_state_dict(model).items()}
+    atomic_write(path, save_safetensors(tensors, metadata=_metadata(model)))
 
 
 def load_prompts(model, path: str | os.PathLike) -> None:

@@ -24,7 +24,8 @@ from .config import RESUME_MAY_CHANGE, ConfigError, TrainConfig, read_run_config
 from .distributed import Dist, ShardSampler, setup, teardown
 from .progress import Progress
 from .records import RunRecords
-from .state import RESUME_FILE, atomic_write, load_resume, rng_state, save_resume, set_rng_state
+from ..checkpoint import atomic_write
+from .state import RESUME_FILE, load_resume, rng_state, save_resume, set_rng_state
 
 LAST, BEST = "prompts_last.safetensors", "prompts_best.safetensors"
 

@@ -7,7 +7,7 @@ import io
 import json
 import os
 
-from .state import atomic_write
+from ..checkpoint import atomic_write
 
 EPOCH_FILE, STEP_FILE, CSV_FILE, PLOT_FILE = "metrics.jsonl", "steps.jsonl", "metrics.csv", "curves.png"
 

@@ -9,34 +9,14 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from typing import Any
 
 import torch
 
+from ..checkpoint import atomic_write
+
 RESUME_FILE = "resume.pt"
 _FORMAT = "svpt-resume-1"
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is always either the old or the new file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself must survive a crash
-    finally:
-        os.close(dir_fd)
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor | None]:
