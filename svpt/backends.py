@@ -71,6 +71,7 @@ def register_backend(name: str, module_path: str, description: str) -> None:
 
 register_backend("eager", "svpt.reference", "plain PyTorch; the reference every backend must match")
 register_backend("triton", "svpt_kernels.triton", "Triton kernels: fused CDC+DA, flash attention with AE saliency, fused AE update")
+register_backend("cpp", "svpt_kernels.cpp", "C++/CUDA extension (csrc/)")
 
 _AUTO = "auto"
 

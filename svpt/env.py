@@ -22,6 +22,14 @@ def _tool_version(cmd: str) -> str:
     return f"{lines[-1] if cmd == 'nvcc' else lines[0]} ({path})" if lines else path
 
 
+def _extension_info() -> str:
+    try:
+        from svpt_kernels.cpp import build_info
+    except Exception as exc:  # the loader itself failed to import; say so rather than crash
+        return f"svpt_kernels.cpp not importable ({type(exc).__name__}: {exc})"
+    return build_info()
+
+
 def report() -> str:
     try:
         import triton
@@ -44,5 +52,6 @@ def report() -> str:
     ]
     for name, reason in backends.describe().items():
         rows.append((f"backend {name}", "usable" if reason is None else f"not usable: {reason}"))
+    rows.append(("C++ extension", _extension_info()))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

@@ -1,0 +1,433 @@
+// prompt_attention on CUDA: flash-attention style kernels, fp32/fp64/fp16/bf16 inputs with
+// float (double for fp64) accumulation, head dim up to 128, any Tq/Tk (tiles are masked).
+//
+// Every kernel works on 32 x 32 tiles of (query rows x key columns) with 4 warps; each warp
+// owns 8 rows of the "owned" side (query rows in the forward and dQ kernels, key rows in
+// the dK/dV kernel), lanes run over the other side, and the 32 x 32 block of probabilities
+// goes through shared memory. Nothing T x T is stored: the forward keeps the log-sum-exp,
+// the backward recomputes the probabilities (dQ and dK/dV in two kernels, so no atomics and
+// deterministic results). The AE saliency is a small second pass over the requested query
+// rows once the log-sum-exp is known.
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+
+#include <limits>
+
+#include "../svpt.h"
+#include "cuda_utils.cuh"
+
+namespace svpt {
+namespace {
+
+using namespace cuda_utils;
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kTile = 32;
+constexpr int kRows = kTile / kWarps;  // rows owned by one warp
+constexpr int kMaxHeadDim = 128;
+
+struct Strides {  // element strides of a [B, T, H, D] tensor whose D is contiguous
+  int64_t b, t, h;
+};
+
+Strides strides_of(const at::Tensor& t, bool bcast_batch) {
+  return {bcast_batch ? 0 : t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// tile[i][c] (row stride dp) <- src rows row0 + i, zero past `rows`.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_tile(acc_t* tile, const scalar_t* __restrict__ src, int64_t row_stride, int row0,
+                                          int rows, int d, int dp) {
+  for (int idx = threadIdx.x; idx < kTile * d; idx += blockDim.x) {
+    const int i = idx / d, c = idx - i * d, r = row0 + i;
+    tile[i * dp + c] = r < rows ? static_cast<acc_t>(src[r * row_stride + c]) : acc_t(0);
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t dot(const acc_t* a, const acc_t* b, int d) {
+  acc_t s = 0;
+  for (int c = 0; c < d; ++c) s += a[c] * b[c];
+  return s;
+}
+
+template <typename scalar_t, typename acc_t, int NC>
+__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const scalar_t* __restrict__ q,
+                                                            const scalar_t* __restrict__ k,
+                                                            const scalar_t* __restrict__ v, scalar_t* __restrict__ out,
+                                                            acc_t* __restrict__ lse, int Tq, int Tk, int H, int D,
+                                                            Strides qs, Strides ks, Strides vs, acc_t scale) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];  // aligned for double tiles
+  const int dp = D + 1;  // padded rows: lanes reading different rows hit different banks
+  acc_t* sQ = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* sK = sQ + kTile * dp;
+  acc_t* sV = sK + kTile * dp;
+  acc_t* sP = sV + kTile * dp;  // [query row][key], stride kTile + 1
+  const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * kTile;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const scalar_t* kb = k + b * ks.b + h * ks.h;
+  const scalar_t* vb = v + b * vs.b + h * vs.h;
+  load_tile(sQ, q + b * qs.b + h * qs.h, qs.t, q0, Tq, D, dp);
+
+  acc_t m[kRows], l[kRows], acc[kRows][NC];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    m[r] = -std::numeric_limits<acc_t>::infinity();
+    l[r] = 0;
+#pragma unroll
+    for (int cc = 0; cc < NC; ++cc) acc[r][cc] = 0;
+  }
+  for (int k0 = 0; k0 < Tk; k0 += kTile) {
+    __syncthreads();  // the previous tile is consumed
+    load_tile(sK, kb, ks.t, k0, Tk, D, dp);
+    load_tile(sV, vb, vs.t, k0, Tk, D, dp);
+    __syncthreads();
+    const bool valid = k0 + lane < Tk;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int i = warp * kRows + r;
+      const acc_t s = valid ? dot(sQ + i * dp, sK + lane * dp, D) * scale : -std::numeric_limits<acc_t>::infinity();
+      const acc_t m_new = max(m[r], warp_max(s));  // finite: lane 0 is always a valid key
+      const acc_t p = valid ? exp_acc(s - m_new) : acc_t(0);
+      const acc_t alpha = exp_acc(m[r] - m_new);
+      l[r] = l[r] * alpha + warp_sum(p);
+      m[r] = m_new;
+      sP[i * (kTile + 1) + lane] = p;
+#pragma unroll
+      for (int cc = 0; cc < NC; ++cc) acc[r][cc] *= alpha;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int i = warp * kRows + r;
+      for (int j = 0; j < kTile; ++j) {
+        const acc_t p = sP[i * (kTile + 1) + j];
+#pragma unroll
+        for (int cc = 0; cc < NC; ++cc) {
+          const int c = lane + 32 * cc;
+          if (c < D) acc[r][cc] += p * sV[j * dp + c];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int t = q0 + warp * kRows + r;
+    if (t >= Tq) continue;
+    const acc_t inv = acc_t(1) / l[r];
+    scalar_t* o = out + ((static_cast<int64_t>(b) * Tq + t) * H + h) * D;
+#pragma unroll
+    for (int cc = 0; cc < NC; ++cc) {
+      const int c = lane + 32 * cc;
+      if (c < D) o[c] = static_cast<scalar_t>(acc[r][cc] * inv);
+    }
+    if (lane == 0) lse[(static_cast<int64_t>(b) * H + h) * Tq + t] = m[r] + log_acc(l[r]);
+  }
+}
+
+// probs[b, h, r, j - cols] = softmax probability of query row start + r to key j >= cols.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) saliency_kernel(const scalar_t* __restrict__ q,
+                                                            const scalar_t* __restrict__ k,
+                                                            const acc_t* __restrict__ lse, acc_t* __restrict__ probs,
+                                                            int Tq, int Tk, int H, int D, Strides qs, Strides ks,
+                                                            acc_t scale, int start, int count, int cols) {
+  __shared__ acc_t sq[kMaxHeadDim];
+  const int r = blockIdx.x, h = blockIdx.y, b = blockIdx.z, t = start + r;
+  const scalar_t* qrow = q + b * qs.b + t * qs.t + h * qs.h;
+  for (int c = threadIdx.x; c < D; c += blockDim.x) sq[c] = static_cast<acc_t>(qrow[c]);
+  __syncthreads();
+  const acc_t row_lse = lse[(static_cast<int64_t>(b) * H + h) * Tq + t];
+  const int ns = Tk - cols;
+  acc_t* dst = probs + ((static_cast<int64_t>(b) * H + h) * count + r) * ns;
+  for (int j = cols + threadIdx.x; j < Tk; j += blockDim.x) {
+    const scalar_t* krow = k + b * ks.b + j * ks.t + h * ks.h;
+    acc_t s = 0;
+    for (int c = 0; c < D; ++c) s += sq[c] * static_cast<acc_t>(krow[c]);
+    dst[j - cols] = exp_acc(s * scale - row_lse);
+  }
+}
+
+template <typename scalar_t, typename acc_t, int NC>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(
+    const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
+    const scalar_t* __restrict__ g, const acc_t* __restrict__ lse, const acc_t* __restrict__ di,
+    scalar_t* __restrict__ dq, int Tq, int Tk, int H, int D, Strides qs, Strides ks, Strides vs, Strides gs,
+    acc_t scale) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];  // aligned for double tiles
+  const int dp = D + 1;
+  acc_t* sQ = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* sG = sQ + kTile * dp;
+  acc_t* sK = sG + kTile * dp;
+  acc_t* sV = sK + kTile * dp;
+  acc_t* sS = sV + kTile * dp;  // dS [query row][key]
+  const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * kTile;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const scalar_t* kb = k + b * ks.b + h * ks.h;
+  const scalar_t* vb = v + b * vs.b + h * vs.h;
+  load_tile(sQ, q + b * qs.b + h * qs.h, qs.t, q0, Tq, D, dp);
+  load_tile(sG, g + b * gs.b + h * gs.h, gs.t, q0, Tq, D, dp);
+  acc_t row_lse[kRows], row_di[kRows], acc[kRows][NC];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int t = q0 + warp * kRows + r;
+    const int64_t at = (static_cast<int64_t>(b) * H + h) * Tq + t;
+    row_lse[r] = t < Tq ? lse[at] : acc_t(0);  // rows past Tq are computed but never written
+    row_di[r] = t < Tq ? di[at] : acc_t(0);
+#pragma unroll
+    for (int cc = 0; cc < NC; ++cc) acc[r][cc] = 0;
+  }
+  for (int k0 = 0; k0 < Tk; k0 += kTile) {
+    __syncthreads();
+    load_tile(sK, kb, ks.t, k0, Tk, D, dp);
+    load_tile(sV, vb, vs.t, k0, Tk, D, dp);
+    __syncthreads();
+    const bool valid = k0 + lane < Tk;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int i = warp * kRows + r;
+      acc_t ds = 0;
+      if (valid) {
+        const acc_t p = exp_acc(dot(sQ + i * dp, sK + lane * dp, D) * scale - row_lse[r]);
+        ds = p * (dot(sG + i * dp, sV + lane * dp, D) - row_di[r]);
+      }
+      sS[i * (kTile + 1) + lane] = ds;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int i = warp * kRows + r;
+      for (int j = 0; j < kTile; ++j) {
+        const acc_t ds = sS[i * (kTile + 1) + j];
+#pragma unroll
+        for (int cc = 0; cc < NC; ++cc) {
+          const int c = lane + 32 * cc;
+          if (c < D) acc[r][cc] += ds * sK[j * dp + c];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int t = q0 + warp * kRows + r;
+    if (t >= Tq) continue;
+    scalar_t* o = dq + ((static_cast<int64_t>(b) * Tq + t) * H + h) * D;
+#pragma unroll
+    for (int cc = 0; cc < NC; ++cc) {
+      const int c = lane + 32 * cc;
+      if (c < D) o[c] = static_cast<scalar_t>(acc[r][cc] * scale);
+    }
+  }
+}
+
+// dK, dV of one 32-key tile for sample b (partials when k/v are broadcast over the batch).
+template <typename scalar_t, typename acc_t, int NC>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(
+    const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
+    const scalar_t* __restrict__ g, const acc_t* __restrict__ lse, const acc_t* __restrict__ di,
+    acc_t* __restrict__ dk, acc_t* __restrict__ dv, int Tq, int Tk, int H, int D, Strides qs, Strides ks, Strides vs,
+    Strides gs, acc_t scale) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];  // aligned for double tiles
+  const int dp = D + 1;
+  acc_t* sK = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* sV = sK + kTile * dp;
+  acc_t* sQ = sV + kTile * dp;
+  acc_t* sG = sQ + kTile * dp;
+  acc_t* sP = sG + kTile * dp;         // P  [key][query row], stride kTile + 1
+  acc_t* sS = sP + kTile * (kTile + 1);  // dS [key][query row]
+  acc_t* sL = sS + kTile * (kTile + 1);
+  acc_t* sD = sL + kTile;
+  const int b = blockIdx.z, h = blockIdx.y, k0 = blockIdx.x * kTile;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const scalar_t* qb = q + b * qs.b + h * qs.h;
+  const scalar_t* gb = g + b * gs.b + h * gs.h;
+  load_tile(sK, k + b * ks.b + h * ks.h, ks.t, k0, Tk, D, dp);
+  load_tile(sV, v + b * vs.b + h * vs.h, vs.t, k0, Tk, D, dp);
+  acc_t adk[kRows][NC], adv[kRows][NC];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r)
+#pragma unroll
+    for (int cc = 0; cc < NC; ++cc) adk[r][cc] = adv[r][cc] = 0;
+  for (int q0 = 0; q0 < Tq; q0 += kTile) {
+    __syncthreads();
+    load_tile(sQ, qb, qs.t, q0, Tq, D, dp);
+    load_tile(sG, gb, gs.t, q0, Tq, D, dp);
+    if (threadIdx.x < kTile) {
+      const int t = q0 + threadIdx.x;
+      const int64_t at = (static_cast<int64_t>(b) * H + h) * Tq + t;
+      sL[threadIdx.x] = t < Tq ? lse[at] : acc_t(0);
+      sD[threadIdx.x] = t < Tq ? di[at] : acc_t(0);
+    }
+    __syncthreads();
+    const bool row_valid = q0 + lane < Tq;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int j = warp * kRows + r;
+      acc_t p = 0, ds = 0;
+      if (row_valid && k0 + j < Tk) {
+        p = exp_acc(dot(sQ + lane * dp, sK + j * dp, D) * scale - sL[lane]);
+        ds = p * (dot(sG + lane * dp, sV + j * dp, D) - sD[lane]);
+      }
+      sP[j * (kTile + 1) + lane] = p;
+      sS[j * (kTile + 1) + lane] = ds;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int j = warp * kRows + r;
+      for (int i = 0; i < kTile; ++i) {
+        const acc_t p = sP[j * (kTile + 1) + i], ds = sS[j * (kTile + 1) + i];
+#pragma unroll
+        for (int cc = 0; cc < NC; ++cc) {
+          const int c = lane + 32 * cc;
+          if (c < D) {
+            adv[r][cc] += p * sG[i * dp + c];
+            adk[r][cc] += ds * sQ[i * dp + c];
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int key = k0 + warp * kRows + r;
+    if (key >= Tk) continue;
+    const int64_t base = ((static_cast<int64_t>(b) * Tk + key) * H + h) * D;
+#pragma unroll
+    for (int cc = 0; cc < NC; ++cc) {
+      const int c = lane + 32 * cc;
+      if (c < D) {
+        dk[base + c] = adk[r][cc] * scale;
+        dv[base + c] = adv[r][cc];
+      }
+    }
+  }
+}
+
+template <typename Kernel>
+void set_smem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+}
+
+at::Tensor unit_stride_d(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
+
+template <typename F>
+void dispatch_head_dim(int64_t D, const F& f) {
+  TORCH_CHECK(D >= 1 && D <= kMaxHeadDim, "svpt prompt_attention (CUDA kernels): head dim ", D,
+              " is not supported (1..", kMaxHeadDim, ")");
+  // Two register-tile widths only: each extra one costs ~a minute of nvcc time per build.
+  if (D <= 64) return f(std::integral_constant<int, 2>());
+  return f(std::integral_constant<int, 4>());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prompt_attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                                         const at::Tensor& v_in, double scale,
+                                                                         int64_t sal_start, int64_t sal_count,
+                                                                         int64_t sal_cols) {
+  check_attention(q_in, k_in, v_in);
+  check_saliency(q_in, k_in, sal_start, sal_count, sal_cols);
+  TORCH_CHECK(q_in.scalar_type() == k_in.scalar_type() && q_in.scalar_type() == v_in.scalar_type(),
+              "svpt prompt_attention: q, k, v dtypes differ");
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = unit_stride_d(q_in), k = unit_stride_d(k_in), v = unit_stride_d(v_in);
+  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3), Tk = k.size(1);
+  const bool bcast = k.size(0) == 1 && B > 1;
+  const auto acc_type = at::toAccumulateType(q.scalar_type(), /*is_cuda=*/true);
+  at::Tensor out = at::empty({B, Tq, H, D}, q.options());
+  at::Tensor lse = at::empty({B, H, Tq}, q.options().dtype(acc_type));
+  at::Tensor saliency = at::empty({0}, q.options().dtype(at::kFloat));
+  if (B == 0 || Tq == 0) return {out, lse, saliency};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "svpt_prompt_attention_fwd_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    dispatch_head_dim(D, [&](auto nc) {
+      constexpr int NC = decltype(nc)::value;
+      auto kernel = attn_fwd_kernel<scalar_t, acc_t, NC>;
+      const size_t smem = (3 * kTile * (D + 1) + kTile * (kTile + 1)) * sizeof(acc_t);
+      set_smem(kernel, smem);
+      const dim3 grid((Tq + kTile - 1) / kTile, H, B);
+      kernel<<<grid, kThreads, smem, stream>>>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                                               out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), Tq, Tk, H, D,
+                                               strides_of(q, false), strides_of(k, bcast), strides_of(v, bcast),
+                                               static_cast<acc_t>(scale));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    if (sal_count > 0) {
+      at::Tensor probs = at::empty({B, H, sal_count, Tk - sal_cols}, lse.options());
+      const dim3 grid(sal_count, H, B);
+      saliency_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
+          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), probs.data_ptr<acc_t>(), Tq, Tk, H, D,
+          strides_of(q, false), strides_of(k, bcast), static_cast<acc_t>(scale), sal_start, sal_count, sal_cols);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      saliency = (probs.sum({1, 2}) / double(H * sal_count)).to(at::kFloat);
+    }
+  });
+  return {out, lse, saliency};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prompt_attention_bwd_cuda(const at::Tensor& grad_out,
+                                                                         const at::Tensor& q_in, const at::Tensor& k_in,
+                                                                         const at::Tensor& v_in, const at::Tensor& out,
+                                                                         const at::Tensor& lse_in, double scale) {
+  check_attention(q_in, k_in, v_in);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = unit_stride_d(q_in), k = unit_stride_d(k_in), v = unit_stride_d(v_in);
+  const at::Tensor g = unit_stride_d(grad_out.to(q.scalar_type()));
+  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3), Tk = k.size(1);
+  const bool bcast = k.size(0) == 1 && B > 1;
+  const auto acc_type = at::toAccumulateType(q.scalar_type(), /*is_cuda=*/true);
+  const at::Tensor lse = lse_in.to(acc_type).contiguous();
+  // D_i = rowsum(dO * O), [B, H, Tq]: a small reduction, left to ATen.
+  const at::Tensor di = (g.to(acc_type) * out.to(acc_type)).sum(-1).permute({0, 2, 1}).contiguous();
+  at::Tensor dq = at::empty({B, Tq, H, D}, q.options());
+  at::Tensor dk = at::empty({B, Tk, H, D}, q.options().dtype(acc_type));  // per-sample when broadcast
+  at::Tensor dv = at::empty({B, Tk, H, D}, q.options().dtype(acc_type));
+  if (B > 0 && Tq > 0) {
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "svpt_prompt_attention_bwd_cuda", [&] {
+      using acc_t = at::acc_type<scalar_t, true>;
+      dispatch_head_dim(D, [&](auto nc) {
+        constexpr int NC = decltype(nc)::value;
+        {
+          auto kernel = attn_bwd_dq_kernel<scalar_t, acc_t, NC>;
+          const size_t smem = (4 * kTile * (D + 1) + kTile * (kTile + 1)) * sizeof(acc_t);
+          set_smem(kernel, smem);
+          const dim3 grid((Tq + kTile - 1) / kTile, H, B);
+          kernel<<<grid, kThreads, smem, stream>>>(
+              q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+              lse.data_ptr<acc_t>(), di.data_ptr<acc_t>(), dq.data_ptr<scalar_t>(), Tq, Tk, H, D, strides_of(q, false),
+              strides_of(k, bcast), strides_of(v, bcast), strides_of(g, false), static_cast<acc_t>(scale));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        {
+          auto kernel = attn_bwd_dkdv_kernel<scalar_t, acc_t, NC>;
+          const size_t smem = (4 * kTile * (D + 1) + 2 * kTile * (kTile + 1) + 2 * kTile) * sizeof(acc_t);
+          set_smem(kernel, smem);
+          const dim3 grid((Tk + kTile - 1) / kTile, H, B);
+          kernel<<<grid, kThreads, smem, stream>>>(
+              q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+              lse.data_ptr<acc_t>(), di.data_ptr<acc_t>(), dk.data_ptr<acc_t>(), dv.data_ptr<acc_t>(), Tq, Tk, H, D,
+              strides_of(q, false), strides_of(k, bcast), strides_of(v, bcast), strides_of(g, false),
+              static_cast<acc_t>(scale));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
+    });
+  } else {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+  }
+  if (k.size(0) == 1) {
+    dk = dk.sum(0, true);
+    dv = dv.sum(0, true);
+  }
+  return {dq, dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+}
+
+}  // namespace svpt
