@@ -91,3 +91,21 @@ def test_fused_apply_selects_triton_and_compiles_fullgraph():
         assert model.prompter.prompts.grad is not None and model.prompter.prompts.grad.abs().max() > 0
     finally:
         svpt.set_backend(previous)
+
+
+def test_gradient_accumulation_over_micro_batches():
+    # Two backward passes without zero_grad must add up to the gradient of the whole batch.
+    model = prompted("svpt", {})
+    images = make_images(4, seed=12).to(DEVICE)
+    weights = torch.linspace(-1, 1, 4 * 5, device=DEVICE).reshape(4, 5)
+    whole = copy.deepcopy(model).double()
+    with svpt.backend("eager"):
+        whole(images.double()).mul(weights.double()).sum().backward()
+    with svpt.backend("triton"):
+        model.zero_grad(set_to_none=True)
+        for half in (slice(0, 2), slice(2, 4)):
+            model(images[half]).mul(weights[half]).sum().backward()
+    want = {n: p.grad for n, p in whole.named_parameters() if p.requires_grad}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert rel(p.grad, want[name]) < 1e-4, name
