@@ -8,15 +8,28 @@ is the ground truth. The backend is chosen by :mod:`svpt.backends`, never here.
 and CVPT (METHOD.md, "Fast path"). Every backend implements them (the reference too, for the
 tests), but the methods call them only where :func:`fast_path` says the backend in use
 offers them; otherwise they run the plain path, which on the eager reference is always.
+
+Every op checks its inputs (:mod:`svpt.checks`: device, dtype, shapes, arguments) before a
+backend is chosen, so bad input fails the same way, with the same message, on every backend.
 """
 from __future__ import annotations
 
 import torch
 
-from . import backends
+from . import backends, checks
 
 __all__ = ["ae_update", "da_mix", "fast_path", "folded_cross_attention", "prompt_attention",
            "prompt_kv_attention"]
+
+
+def _impl(op: str, device: torch.device):
+    """The selected backend's implementation of ``op`` for tensors on ``device``."""
+    module = backends.resolve(device)
+    fn = getattr(module, op, None)
+    if fn is None:
+        raise NotImplementedError(f"svpt backend {backends.get_backend()!r} ({module.__name__}) does not implement "
+                                  f"svpt.ops.{op}; every backend must implement every op of svpt.ops")
+    return fn
 
 
 def da_mix(tokens: torch.Tensor, prompts: torch.Tensor, weight: torch.Tensor,
@@ -29,7 +42,8 @@ def da_mix(tokens: torch.Tensor, prompts: torch.Tensor, weight: torch.Tensor,
     Returns ``tokens`` with those rows replaced by ``g * P_out + (1 - g) * P`` where
     ``g = sigmoid(P_out . weight[0] + P . weight[1] + bias)`` per token.
     """
-    return backends.resolve(tokens.device).da_mix(tokens, prompts, weight, bias, num_prefix)
+    checks.check_da_mix(tokens, prompts, weight, bias, num_prefix)
+    return _impl("da_mix", tokens.device)(tokens, prompts, weight, bias, num_prefix)
 
 
 def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -43,7 +57,8 @@ def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     ``start : start+count`` to key columns ``saliency_cols :``, averaged over heads and
     over those rows (not renormalised). Otherwise ``saliency`` is ``None``.
     """
-    return backends.resolve(q.device).prompt_attention(q, k, v, scale, saliency_rows, saliency_cols)
+    checks.check_prompt_attention(q, k, v, scale, saliency_rows, saliency_cols)
+    return _impl("prompt_attention", q.device)(q, k, v, scale, saliency_rows, saliency_cols)
 
 
 def ae_update(tokens: torch.Tensor, attn_out: torch.Tensor, saliency: torch.Tensor,
@@ -55,8 +70,8 @@ def ae_update(tokens: torch.Tensor, attn_out: torch.Tensor, saliency: torch.Tens
     ``u = scale * mean(h[:, num_prefix : num_prefix+num_prompts])`` added. The top-k
     indices carry no gradient; ``u`` does (to ``scale`` and through ``h``).
     """
-    return backends.resolve(tokens.device).ae_update(tokens, attn_out, saliency, scale,
-                                                     num_prefix, num_prompts, k)
+    checks.check_ae_update(tokens, attn_out, saliency, scale, num_prefix, num_prompts, k)
+    return _impl("ae_update", tokens.device)(tokens, attn_out, saliency, scale, num_prefix, num_prompts, k)
 
 
 def fast_path(op: str, device: torch.device) -> bool:
@@ -73,7 +88,8 @@ def prompt_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, promp
     [B, Tk, H, D]. Returns ``out`` [B, Tq, H, D]; gradients reach all five inputs (the prompt
     segment's summed over the batch when it has batch 1).
     """
-    return backends.resolve(q.device).prompt_kv_attention(q, k, v, prompt_k, prompt_v, scale)
+    checks.check_prompt_kv_attention(q, k, v, prompt_k, prompt_v, scale)
+    return _impl("prompt_kv_attention", q.device)(q, k, v, prompt_k, prompt_v, scale)
 
 
 def folded_cross_attention(x: torch.Tensor, w_logits: torch.Tensor, b_logits: torch.Tensor | None,
@@ -88,4 +104,5 @@ def folded_cross_attention(x: torch.Tensor, w_logits: torch.Tensor, b_logits: to
     (``residual`` [..., d] or ``None``; passing ``x`` itself lets a backend fuse the add).
     Under autocast the products run in the autocast dtype, as F.linear's would.
     """
-    return backends.resolve(x.device).folded_cross_attention(x, w_logits, b_logits, w_values, bias, residual)
+    checks.check_folded_cross_attention(x, w_logits, b_logits, w_values, bias, residual)
+    return _impl("folded_cross_attention", x.device)(x, w_logits, b_logits, w_values, bias, residual)

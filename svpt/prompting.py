@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import check_model_input
 from .methods import METHODS, PromptMethod
 
 __all__ = ["is_prompted", "prompt", "summary"]
@@ -122,6 +123,7 @@ class PromptedViTMixin:
                          is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("a prompted model does not take attn_mask or is_causal")
+        check_model_input(self, x)
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)

@@ -16,7 +16,11 @@ def read_jsonl(path: str) -> list[dict]:
     if not os.path.isfile(path):
         return []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        text = f.read()
+    lines = text.split("\n")
+    if not text.endswith("\n"):
+        lines = lines[:-1]  # a line cut by a kill during its append: its epoch had no checkpoint yet
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:

@@ -272,5 +272,5 @@ def folded_cross_attention(x, w_logits, b_logits, w_values, bias=None, residual=
         res = res.contiguous()
     out = FoldedCrossAttentionFunction.apply(
         flat, w_logits.to(dtype).contiguous(), None if b_logits is None else b_logits.contiguous(),
-        w_values.to(dtype).contiguous(), bias, res, add_x)
+        w_values.to(dtype).contiguous(), None if bias is None else bias.contiguous(), res, add_x)
     return out.reshape(shape)
