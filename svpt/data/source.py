@@ -1,6 +1,7 @@
 """``open_data``: tell the data layouts apart and give the splits of one."""
 from __future__ import annotations
 
+import abc
 import os
 from typing import Sequence
 
@@ -11,7 +12,7 @@ from .errors import DataError
 BUILTIN_NAME = "builtin"
 
 
-class DataSource:
+class DataSource(abc.ABC):
     """One dataset on disk (or generated): its splits, classes and how to read a split."""
 
     kind: str = ""
@@ -22,11 +23,13 @@ class DataSource:
     default_eval_split: str = ""
 
     @property
+    @abc.abstractmethod
     def splits(self) -> Sequence[str]:
-        raise NotImplementedError
+        """The names of the splits this source has."""
 
+    @abc.abstractmethod
     def _dataset(self, split: str, size: int) -> Dataset:
-        raise NotImplementedError
+        """The images of a (checked) ``split`` at ``size`` x ``size``."""
 
     def check_split(self, split: str, option: str = "split") -> str:
         if split not in self.splits:
