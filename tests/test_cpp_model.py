@@ -18,6 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import svpt
 from tests.backbones import make_images, randomize_
+from numerics import rel_err
 
 CASES = {
     "vpt-shallow": ("vpt-shallow", 5, {}),
@@ -67,11 +68,6 @@ def logits_and_grads(model, images, backend):
     weights = torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype).reshape(logits.shape)
     grads = torch.autograd.grad((logits * weights).sum(), list(params.values()))
     return logits.detach(), dict(zip(params, grads))
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)

@@ -23,15 +23,12 @@ import svpt
 from svpt import reference
 from backbones import BACKBONES, make_images
 from test_triton_ops import check, gen
+from numerics import rel_err
 
 triton_backend = pytest.importorskip("svpt_kernels.triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAST_OP = {"vpt-deep": "prompt_kv_attention", "cvpt": "folded_cross_attention"}
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 @pytest.fixture
@@ -65,11 +62,11 @@ def logits_and_grads(model, images, backend, fast=True):
 def assert_close(got, want, bound, label):
     logits, grads = got
     want_logits, want_grads = want
-    assert rel(logits, want_logits) < bound, (label, "logits", rel(logits, want_logits))
+    assert rel_err(logits, want_logits) < bound, (label, "logits", rel_err(logits, want_logits))
     assert set(grads) == set(want_grads) and "prompter.prompts" in grads
     for name, grad in grads.items():
         assert want_grads[name].abs().max() > 0, name  # the comparison below can fail
-        assert rel(grad, want_grads[name]) < bound, (label, name, rel(grad, want_grads[name]))
+        assert rel_err(grad, want_grads[name]) < bound, (label, name, rel_err(grad, want_grads[name]))
 
 
 # ------------------------------------------------------------------ the rewrite, float64
@@ -122,7 +119,7 @@ def test_prompt_kv_attention_reads_strided_views():
     pk, pv = pkv.unbind(2)
     out = triton_backend.prompt_kv_attention(q, k, v, pk, pv, 0.2)
     want = reference.prompt_kv_attention(*(t.double() for t in (q, k, v, pk, pv)), 0.2)
-    assert rel(out, want) < 1e-5
+    assert rel_err(out, want) < 1e-5
 
 
 CA_CASES = {
@@ -180,7 +177,7 @@ def test_folded_cross_attention_follows_autocast_like_linear():
             eager = reference.folded_cross_attention(*args)
             got = triton_backend.folded_cross_attention(*args)
         assert got.dtype == eager.dtype == (torch.float16 if residual is None else torch.float32)
-        assert rel(got, want) <= 2 * rel(eager, want) + 2e-3
+        assert rel_err(got, want) <= 2 * rel_err(eager, want) + 2e-3
 
 
 # ------------------------------------------------------------------ whole models, Triton
@@ -289,5 +286,5 @@ def test_fast_paths_compile_fullgraph(method):
         compiled = torch.compile(model, backend="aot_eager" if DEVICE == "cpu" else "inductor", fullgraph=True)
         got = compiled(images)
         got.sum().backward()
-    assert rel(got.detach(), expected.detach()) < 1e-5
+    assert rel_err(got.detach(), expected.detach()) < 1e-5
     assert model.prompter.prompts.grad.abs().max() > 0

@@ -35,6 +35,7 @@ import svpt
 from svpt import backends, ops, reference
 
 from backbones import randomize_
+from numerics import rel_err
 
 settings.register_profile("ci", max_examples=1, deadline=None, derandomize=True, print_blob=True,
                           suppress_health_check=list(HealthCheck))
@@ -98,10 +99,6 @@ def small(name: str) -> bool:
     return name in SMALL_BACKENDS
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
-
-
 def assert_close(got: torch.Tensor, want: torch.Tensor, eager: torch.Tensor | None, dtype: torch.dtype, what: str):
     """``got`` (the backend in ``dtype``) against ``want`` (eager float64); ``eager``: eager in ``dtype``."""
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
@@ -109,15 +106,15 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, eager: torch.Tensor | No
     if want.abs().max() == 0:
         assert got.abs().max() <= 100 * torch.finfo(dtype).eps, f"{what}: expected zeros, max {got.abs().max()}"
         return
-    err = rel(got, want)
+    err = rel_err(got, want)
     if dtype == torch.float64:
         assert err < FP64_BOUND, f"{what}: float64 relative error {err:.3g}"
     elif dtype == torch.float32:
-        eager_err = math.inf if eager is None else rel(eager, want)
+        eager_err = math.inf if eager is None else rel_err(eager, want)
         assert err < FP32_BOUND or err <= 2 * eager_err, \
             f"{what}: fp32 relative error {err:.3g} >= {FP32_BOUND} (eager fp32: {eager_err:.3g})"
     else:
-        bound = 2 * rel(eager, want) + FP16_FLOOR
+        bound = 2 * rel_err(eager, want) + FP16_FLOOR
         assert err <= bound, f"{what}: {dtype} relative error {err:.3g} > 2 x eager's + floor = {bound:.3g}"
 
 

@@ -12,6 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import svpt
 from backbones import make_images, randomize_
+from numerics import rel_err
 
 # On a CUDA machine the same checks run on the GPU (tf32 off: fp32 means full fp32 there too).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,10 +54,6 @@ def logits_and_grads(model, images, backend):
     return logits.detach(), grads
 
 
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
 @pytest.mark.parametrize("method,options", CASES, ids=[f"{m}-{'-'.join(map(str, o.values())) or 'default'}" for m, o in CASES])
 def test_triton_model_matches_eager_float64(method, options):
     model = prompted(method, options)
@@ -66,11 +63,11 @@ def test_triton_model_matches_eager_float64(method, options):
     ref_logits, ref_grads = logits_and_grads(reference, images.double(), "eager")
     logits, grads = logits_and_grads(model, images, "triton")
     assert logits.dtype == torch.float32
-    assert rel(logits, ref_logits) < 1e-4
+    assert rel_err(logits, ref_logits) < 1e-4
     assert set(grads) == set(ref_grads) and len(grads) >= 3
     for name, grad in grads.items():
         assert ref_grads[name].abs().max() > 0, name  # the check below must be able to fail
-        assert rel(grad, ref_grads[name]) < 1e-4, name
+        assert rel_err(grad, ref_grads[name]) < 1e-4, name
 
 
 def test_fused_apply_selects_triton_and_compiles_fullgraph():
@@ -87,7 +84,7 @@ def test_fused_apply_selects_triton_and_compiles_fullgraph():
                                  fullgraph=True)
         got = compiled(images)
         got.sum().backward()
-        assert rel(got.detach(), expected.detach()) < (1e-6 if DEVICE == "cpu" else 1e-5)
+        assert rel_err(got.detach(), expected.detach()) < (1e-6 if DEVICE == "cpu" else 1e-5)
         assert model.prompter.prompts.grad is not None and model.prompter.prompts.grad.abs().max() > 0
     finally:
         svpt.set_backend(previous)
@@ -108,4 +105,4 @@ def test_gradient_accumulation_over_micro_batches():
     want = {n: p.grad for n, p in whole.named_parameters() if p.requires_grad}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            assert rel(p.grad, want[name]) < 1e-4, name
+            assert rel_err(p.grad, want[name]) < 1e-4, name

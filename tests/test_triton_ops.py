@@ -15,15 +15,12 @@ import torch
 
 import svpt
 from svpt import reference
+from numerics import rel_err
 
 triton_backend = pytest.importorskip("svpt_kernels.triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_BOUND = 1e-4
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def leaves(*tensors, dtype):
@@ -65,11 +62,11 @@ def check(fn_name, make_inputs, args, dtype, extra_outputs=lambda out: []):
         if want.abs().max() == 0:  # e.g. dq with a single key: softmax is constant
             assert got.abs().max() < 100 * torch.finfo(dtype).eps, name
             continue
-        err = rel(got, want)
+        err = rel_err(got, want)
         if eager_value is None:
             assert err < FP32_BOUND, (name, err)
         else:
-            assert err <= 2 * rel(eager_value, want) + 2e-3, (name, err, rel(eager_value, want))
+            assert err <= 2 * rel_err(eager_value, want) + 2e-3, (name, err, rel_err(eager_value, want))
 
 
 def gen(seed):
@@ -100,8 +97,8 @@ def test_prompt_attention_forward_head_dims(dim):
     ref_out, ref_sal = reference.prompt_attention(q, k, v, scale, (0, 1), 6)
     assert out.shape == ref_out.shape and out.dtype == torch.float32
     assert sal.dtype == torch.float32 and sal.shape == (2, 13) and not sal.requires_grad
-    assert rel(out, ref_out) < FP32_BOUND
-    assert rel(sal, ref_sal) < FP32_BOUND
+    assert rel_err(out, ref_out) < FP32_BOUND
+    assert rel_err(sal, ref_sal) < FP32_BOUND
 
 
 ATTENTION_CASES = {
@@ -129,7 +126,7 @@ def test_prompt_attention_saliency_is_head_and_row_mean_of_probabilities():
     _, sal = triton_backend.prompt_attention(q.float(), k.float(), v.float(), 0.3, (1, 4), 5)
     probs = ((q.transpose(1, 2) * 0.3) @ k.transpose(1, 2).transpose(-2, -1)).softmax(-1)
     expected = probs[:, :, 1:5, 5:].mean(dim=(1, 2))
-    assert rel(sal, expected) < FP32_BOUND
+    assert rel_err(sal, expected) < FP32_BOUND
     assert sal.sum(-1).lt(1).all()  # not renormalised: prefix and prompt columns are left out
 
 
@@ -173,7 +170,7 @@ def test_da_mix_mixed_dtypes_follow_the_reference():
     out = triton_backend.da_mix(tokens.float(), prompts.half(), weight.float(), bias.float(), 1)
     assert out.dtype == torch.float32
     want = reference.da_mix(tokens, prompts.half().double(), weight, bias, 1)
-    assert rel(out, want) < FP32_BOUND
+    assert rel_err(out, want) < FP32_BOUND
 
 
 # ------------------------------------------------------------------ ae_update
@@ -207,8 +204,8 @@ def test_ae_update_matches_reference(num_prefix, num_prompts, num_patches, k, wi
     assert tri_out.dtype == dtype
     for got, want, eager in zip((tri_out, *tri_grads), (ref_out, *ref_grads), (eager_out, *eager_grads)):
         assert want.abs().max() > 0
-        bound = FP32_BOUND if dtype == torch.float32 else 2 * rel(eager, want) + 2e-3
-        assert rel(got, want) < bound
+        bound = FP32_BOUND if dtype == torch.float32 else 2 * rel_err(eager, want) + 2e-3
+        assert rel_err(got, want) < bound
 
 
 def test_ae_update_mixed_dtypes_promote_like_the_reference():
@@ -223,8 +220,8 @@ def test_ae_update_mixed_dtypes_promote_like_the_reference():
     zr, ar, sr = (tokens.requires_grad_(), attn_out.half().double().requires_grad_(), scale.requires_grad_())
     want = reference.ae_update(zr, ar, saliency, sr, 1, 5, 4)
     want.sum().backward()
-    assert rel(out, want) < FP32_BOUND
-    assert rel(s.grad, sr.grad) < FP32_BOUND and rel(z.grad, zr.grad) < FP32_BOUND
+    assert rel_err(out, want) < FP32_BOUND
+    assert rel_err(s.grad, sr.grad) < FP32_BOUND and rel_err(z.grad, zr.grad) < FP32_BOUND
 
 
 # ------------------------------------------------------------------ backend selection

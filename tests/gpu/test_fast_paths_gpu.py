@@ -26,15 +26,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 HEADS, HEAD_DIM, WIDTH, TOKENS = 12, 64, 768, 197
 
 
-@pytest.fixture(scope="module")
-def triton_ops():
-    torch.backends.cuda.matmul.allow_tf32 = False  # eager fp32 must be full fp32 too
-    torch.backends.cudnn.allow_tf32 = False
-    import svpt_kernels.triton as ops
-    assert ops.why_unusable(torch.device("cuda")) is None
-    return ops
-
-
 def compare(name, fn, triton_ops, inputs, cotangent, dtype, labels):
     """``fn(module)`` -> the callable under test; fused and eager vs float64 on the same rounded inputs."""
     lo = [t.to(dtype) for t in inputs]

@@ -20,6 +20,7 @@ import torch
 
 import svpt
 from svpt import reference
+from numerics import rel_err
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -32,21 +33,8 @@ HEADS, HEAD_DIM, WIDTH, PATCHES = 12, 64, 768, 196
 TOPK_FLIP_FLOOR = 0.1
 
 
-@pytest.fixture(scope="module")
-def triton_ops():
-    torch.backends.cuda.matmul.allow_tf32 = False  # eager fp32 must be full fp32 too
-    torch.backends.cudnn.allow_tf32 = False
-    import svpt_kernels.triton as ops
-    assert ops.why_unusable(torch.device("cuda")) is None
-    return ops
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
 def within_rule(fused, eager, want, dtype):
-    err, eager_err = rel(fused, want), rel(eager, want)
+    err, eager_err = rel_err(fused, want), rel_err(eager, want)
     if dtype == torch.float32:
         # METHOD.md's 1e-4; or, where eager fp32 itself misses it (gradients of the few DA/AE
         # scalars summed over 128 samples and 12 blocks cancel heavily), twice eager's error.
@@ -232,7 +220,7 @@ def test_compile_fullgraph_inductor(triton_ops):
             compiled = torch.compile(model, fullgraph=True)
             got = compiled(images).float()
         got.sum().backward()
-    assert rel(got, expected) < 2e-2
+    assert rel_err(got, expected) < 2e-2
     assert model.prompter.prompts.grad.abs().max() > 0
 
 
