@@ -33,8 +33,10 @@ import sys
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/da_mix.cpp", "csrc/cpu/prompt_attention.cpp", "csrc/cpu/ae_update.cpp"]
-CUDA_SOURCES = ["csrc/cuda/da_mix.cu", "csrc/cuda/prompt_attention.cu", "csrc/cuda/ae_update.cu"]
+CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/softmax.cpp", "csrc/cpu/da_mix.cpp", "csrc/cpu/prompt_attention.cpp",
+               "csrc/cpu/folded_cross_attention.cpp", "csrc/cpu/ae_update.cpp"]
+CUDA_SOURCES = ["csrc/cuda/da_mix.cu", "csrc/cuda/prompt_attention.cu", "csrc/cuda/folded_cross_attention.cu",
+                "csrc/cuda/ae_update.cu"]
 
 
 def _say(msg: str) -> None:

@@ -44,6 +44,18 @@ TORCH_LIBRARY(svpt_cpp, m) {
       "prompt_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale)"
       " -> (Tensor, Tensor, Tensor)");
   m.def(
+      "prompt_kv_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor prompt_k, Tensor prompt_v, float scale)"
+      " -> (Tensor, Tensor)");
+  m.def(
+      "prompt_kv_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prompt_k, Tensor prompt_v,"
+      " Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "folded_cross_attention_fwd(Tensor x, Tensor w_logits, Tensor? b_logits, Tensor w_values, Tensor? bias,"
+      " Tensor? residual, bool add_x) -> Tensor");
+  m.def(
+      "folded_cross_attention_bwd(Tensor grad, Tensor x, Tensor w_logits, Tensor? b_logits, Tensor w_values,"
+      " bool has_bias, bool add_x) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
       "ae_update_fwd(Tensor tokens, Tensor attn_out, Tensor saliency, Tensor scale, int num_prefix, int num_prompts,"
       " int k) -> (Tensor, Tensor, Tensor)");
   m.def(
@@ -58,6 +70,10 @@ TORCH_LIBRARY_IMPL(svpt_cpp, CPU, m) {
   m.impl("da_mix_bwd", &svpt::da_mix_bwd_cpu);
   m.impl("prompt_attention_fwd", &svpt::prompt_attention_fwd_cpu);
   m.impl("prompt_attention_bwd", &svpt::prompt_attention_bwd_cpu);
+  m.impl("prompt_kv_attention_fwd", &svpt::prompt_kv_attention_fwd_cpu);
+  m.impl("prompt_kv_attention_bwd", &svpt::prompt_kv_attention_bwd_cpu);
+  m.impl("folded_cross_attention_fwd", &svpt::folded_cross_attention_fwd_cpu);
+  m.impl("folded_cross_attention_bwd", &svpt::folded_cross_attention_bwd_cpu);
   m.impl("ae_update_fwd", &svpt::ae_update_fwd_cpu);
   m.impl("ae_update_bwd", &svpt::ae_update_bwd_cpu);
 }
@@ -68,6 +84,10 @@ TORCH_LIBRARY_IMPL(svpt_cpp, CUDA, m) {
   m.impl("da_mix_bwd", &svpt::da_mix_bwd_cuda);
   m.impl("prompt_attention_fwd", &svpt::prompt_attention_fwd_cuda);
   m.impl("prompt_attention_bwd", &svpt::prompt_attention_bwd_cuda);
+  m.impl("prompt_kv_attention_fwd", &svpt::prompt_kv_attention_fwd_cuda);
+  m.impl("prompt_kv_attention_bwd", &svpt::prompt_kv_attention_bwd_cuda);
+  m.impl("folded_cross_attention_fwd", &svpt::folded_cross_attention_fwd_cuda);
+  m.impl("folded_cross_attention_bwd", &svpt::folded_cross_attention_bwd_cuda);
   m.impl("ae_update_fwd", &svpt::ae_update_fwd_cuda);
   m.impl("ae_update_bwd", &svpt::ae_update_bwd_cuda);
 }

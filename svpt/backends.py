@@ -159,8 +159,15 @@ _fast_paths_on = os.environ.get("SVPT_FAST_PATHS", "1") != "0"
 
 
 def has_fast_path(op: str, device: torch.device) -> bool:
-    """Whether the backend that runs ops on ``device`` lists ``op`` in its ``FAST_PATHS``."""
-    return _fast_paths_on and op in getattr(resolve(device), "FAST_PATHS", ())
+    """Whether the backend that runs ops on ``device`` lists ``op`` in its ``FAST_PATHS``: a tuple
+    of op names, or a dict ``{device type: tuple}`` for a backend whose fast paths pay on some
+    devices only (a device type missing from the dict has none)."""
+    if not _fast_paths_on:
+        return False
+    listed = getattr(resolve(device), "FAST_PATHS", ())
+    if isinstance(listed, dict):
+        listed = listed.get(torch.device(device).type, ())
+    return op in listed
 
 
 @contextlib.contextmanager

@@ -3,8 +3,9 @@
 All four methods (and SVPT's prompt-sourced AE) on a tiny timm VisionTransformer (img 32,
 patch 8, width 64, 2 heads, depth 2): logits and the gradient of every trainable tensor
 (svpt.prompt_state_dict(model, keep_vars=True)). float32 against eager float64: relative
-error < 1e-4 (METHOD.md); float64 against eager float64: < 1e-10. Fails (does not skip)
-when the extension is not built.
+error < 1e-4 (METHOD.md); float64 against eager float64: < 1e-10. VPT-deep and CVPT run both
+their fast path (cpp lists both on CPU) and their plain path (fast_paths(False)). Fails (does
+not skip) when the extension is not built.
 
 Run: PYTHONPATH=/work/main python -m pytest tests/test_cpp_model.py -q
 """
@@ -30,6 +31,9 @@ CASES = {
     "cvpt-pos1": ("cvpt", 3, {"cvpt_position": 1}),
 }
 TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
+# (case, path): "default" runs what the backend chooses; "plain" turns the fast paths off.
+RUNS = [(case, path) for case, (method, _, _) in CASES.items()
+        for path in (("default", "plain") if method in ("vpt-deep", "cvpt") else ("default",))]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,9 +65,9 @@ def prompted(method: str, num_prompts: int, options: dict) -> torch.nn.Module:
     return model
 
 
-def logits_and_grads(model, images, backend):
+def logits_and_grads(model, images, backend, fast=True):
     params = svpt.prompt_state_dict(model, keep_vars=True)
-    with svpt.backend(backend):
+    with svpt.backend(backend), svpt.backends.fast_paths(fast):
         logits = model(images)
     weights = torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype).reshape(logits.shape)
     grads = torch.autograd.grad((logits * weights).sum(), list(params.values()))
@@ -71,14 +75,14 @@ def logits_and_grads(model, images, backend):
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_model_cpp_vs_eager(case, dtype):
+@pytest.mark.parametrize("case,path", RUNS, ids=[f"{c}-{p}" for c, p in RUNS])
+def test_model_cpp_vs_eager(case, path, dtype):
     method, num_prompts, options = CASES[case]
     model = prompted(method, num_prompts, options)
     reference = copy.deepcopy(model).double()
     images = make_images(3, 32, seed=1)
     want_logits, want_grads = logits_and_grads(reference, images.double(), "eager")
-    got_logits, got_grads = logits_and_grads(model.to(dtype), images.to(dtype), "cpp")
+    got_logits, got_grads = logits_and_grads(model.to(dtype), images.to(dtype), "cpp", fast=path == "default")
     assert got_logits.dtype == dtype
     errors = {"logits": rel_err(got_logits, want_logits)}
     assert set(got_grads) == set(want_grads)
@@ -86,7 +90,7 @@ def test_model_cpp_vs_eager(case, dtype):
         assert got_grads[name].shape == want_grads[name].shape
         errors[name] = rel_err(got_grads[name], want_grads[name])
     bad = {k: f"{v:.2e}" for k, v in errors.items() if not v < TOL[dtype]}
-    assert not bad, f"{case} {dtype}: relative errors over {TOL[dtype]:.0e}: {bad}"
+    assert not bad, f"{case} {path} {dtype}: relative errors over {TOL[dtype]:.0e}: {bad}"
     if method == "svpt":  # every SVPT parameter got a gradient through the fused ops
         assert {"prompts", "ae.scale"} <= set(got_grads)
         assert all(g.abs().sum() > 0 for g in got_grads.values())

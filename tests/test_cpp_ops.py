@@ -207,6 +207,186 @@ def test_ae_update_mixed_dtypes_follow_reference(cpp):
     assert rel_err(got, want) < 1e-6
 
 
+# ---------------------------------------------------------------------- prompt_kv_attention
+# (B, Tq, H, D, prompt batch, M, q/k/v as views of one qkv tensor)
+KV_CASES = {
+    "shared-prompts": (3, 17, 2, 32, 1, 5, True),
+    "one-prompt": (2, 18, 2, 64, 1, 1, True),
+    "per-sample-prompts": (2, 9, 1, 80, 2, 20, False),
+    "odd-sizes": (3, 33, 3, 40, 1, 7, False),
+    "vit-tiny-rows-two-q-blocks": (2, 1 + 196 + 70, 3, 64, 1, 50, True),  # Tq > the CPU kernel's 256-row tile
+    "batch-1": (1, 11, 2, 32, 1, 3, False),
+}
+
+
+def kv_inputs(case, seed=0):
+    b, tq, h, d, pb, m, from_qkv = case
+    g = torch.Generator().manual_seed(seed)
+    if from_qkv:  # strided views, as the methods pass them
+        q, k, v = torch.randn(b, tq, 3, h, d, generator=g, dtype=torch.float64).unbind(2)
+        pk, pv = torch.randn(pb, m, 2, h, d, generator=g, dtype=torch.float64).unbind(2)
+        return q, k, v, pk, pv
+    return (*(torch.randn(b, tq, h, d, generator=g, dtype=torch.float64) for _ in range(3)),
+            *(torch.randn(pb, m, h, d, generator=g, dtype=torch.float64) for _ in range(2)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", KV_CASES, ids=str)
+def test_prompt_kv_attention(cpp, case, dtype):
+    base = kv_inputs(KV_CASES[case])
+    scale = KV_CASES[case][3] ** -0.5
+    ins = [leaf(t, dtype) for t in base]
+    refs = [leaf(t, torch.float64) for t in base]
+    out = cpp.prompt_kv_attention(*ins, scale)
+    out_ref = reference.prompt_kv_attention(*refs, scale)
+    assert out.dtype == dtype and out.shape == out_ref.shape
+    check("out", out, out_ref, dtype)
+    grad = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = torch.autograd.grad(out, ins, grad.to(dtype))
+    want = torch.autograd.grad(out_ref, refs, grad)
+    for name, a, w in zip(("q", "k", "v", "prompt_k", "prompt_v"), got, want):
+        assert a.shape == w.shape and a.dtype == dtype, name  # batch-1 prompts: one summed gradient
+        check(f"d{name}", a, w, dtype)
+
+
+def test_prompt_kv_attention_equals_prompt_attention_on_the_concatenation(cpp):
+    """The same kernels with and without the separate segment: equal to rounding, in float64."""
+    q, k, v, pk, pv = kv_inputs(KV_CASES["shared-prompts"])
+    want, _ = cpp.prompt_attention(q, torch.cat([pk.expand(3, -1, -1, -1), k], 1),
+                                   torch.cat([pv.expand(3, -1, -1, -1), v], 1), 0.3)
+    assert rel_err(cpp.prompt_kv_attention(q, k, v, pk, pv, 0.3), want) < 1e-14
+
+
+def test_prompt_kv_attention_half_inputs_on_cpu(cpp):
+    """bfloat16 on CPU runs the float32 kernels: no worse than eager bfloat16 (vs float64)."""
+    base = kv_inputs(KV_CASES["shared-prompts"])
+    ref = reference.prompt_kv_attention(*base, 0.2)
+    got = cpp.prompt_kv_attention(*(t.bfloat16() for t in base), 0.2)
+    eager = reference.prompt_kv_attention(*(t.bfloat16() for t in base), 0.2)
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got, ref) <= 2 * rel_err(eager, ref)
+
+
+def test_prompt_kv_attention_gradcheck(cpp):
+    q, k, v, pk, pv = (t.detach().requires_grad_() for t in kv_inputs((2, 3, 2, 4, 1, 2, False), seed=3))
+    assert torch.autograd.gradcheck(lambda *t: cpp.prompt_kv_attention(*t, 0.7), (q, k, v, pk, pv))
+
+
+# ------------------------------------------------------------------- folded_cross_attention
+# (leading shape, d, H, M, with b_logits, with bias, residual: None / "x" / "other")
+FOLD_CASES = {
+    "residual-is-x": ((2, 9), 48, 4, 3, True, True, "x"),
+    "other-residual": ((2, 9), 64, 2, 5, True, True, "other"),
+    "no-residual-no-biases": ((3, 7), 40, 2, 7, False, False, None),
+    "one-prompt-one-head": ((1, 20), 32, 1, 1, True, False, "x"),
+    "bias-only": ((2, 5), 24, 3, 2, False, True, None),
+    "vit-tiny-rows-two-blocks": ((2, 197), 192, 3, 10, True, True, "x"),  # > the CPU kernel's 128-row block
+    "flat-rows": ((131,), 33, 2, 4, True, False, "other"),
+    "M-over-vector-width": ((2, 6), 16, 2, 19, True, True, None),
+}
+
+
+def fold_inputs(case, seed=0):
+    """x, w_logits, b_logits, w_values, bias, other residual (float64; None where the case has none)."""
+    lead, width, heads, m, with_bl, with_bias, residual = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, width, generator=g, dtype=torch.float64)
+    w_logits = torch.randn(heads, m, width, generator=g, dtype=torch.float64) / width ** 0.5
+    b_logits = torch.randn(heads, m, generator=g, dtype=torch.float64)
+    w_values = torch.randn(heads, m, width, generator=g, dtype=torch.float64)
+    bias = torch.randn(width, generator=g, dtype=torch.float64)
+    other = torch.randn(*lead, width, generator=g, dtype=torch.float64)
+    return [x, w_logits, b_logits if with_bl else None, w_values, bias if with_bias else None,
+            other if residual == "other" else None]
+
+
+def fold_call(module, tensors, residual):
+    """``module.folded_cross_attention`` with the residual the case asks for (x itself: the same tensor)."""
+    x, w_logits, b_logits, w_values, bias, other = tensors
+    return module.folded_cross_attention(x, w_logits, b_logits, w_values, bias, x if residual == "x" else other)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", FOLD_CASES, ids=str)
+def test_folded_cross_attention(cpp, case, dtype):
+    residual = FOLD_CASES[case][-1]
+    base = fold_inputs(FOLD_CASES[case])
+    ins = [None if t is None else leaf(t, dtype) for t in base]
+    refs = [None if t is None else leaf(t, torch.float64) for t in base]
+    out = fold_call(cpp, ins, residual)
+    out_ref = fold_call(reference, refs, residual)
+    assert out.dtype == dtype and out.shape == out_ref.shape
+    check("out", out, out_ref, dtype)
+    grad = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    names = [n for n, t in zip(("x", "w_logits", "b_logits", "w_values", "bias", "residual"), ins) if t is not None]
+    got = torch.autograd.grad(out, [t for t in ins if t is not None], grad.to(dtype))
+    want = torch.autograd.grad(out_ref, [t for t in refs if t is not None], grad)
+    for name, a, w in zip(names, got, want):
+        assert a.shape == w.shape and a.dtype == dtype, name
+        check(f"d{name}", a, w, dtype)
+
+
+def test_folded_cross_attention_gradcheck(cpp):
+    for residual in (None, "x", "other"):
+        case = ((2, 3), 6, 2, 3, True, True, residual)
+        tensors = [None if t is None else t.requires_grad_() for t in fold_inputs(case, seed=4)]
+        present = [t for t in tensors if t is not None]
+
+        def f(*args, tensors=tensors, residual=residual):
+            it = iter(args)
+            return fold_call(cpp, [None if t is None else next(it) for t in tensors], residual)
+        assert torch.autograd.gradcheck(f, present), residual
+
+
+def test_folded_cross_attention_only_some_inputs_need_grad(cpp):
+    x, w_logits, b_logits, w_values, bias, _ = fold_inputs(FOLD_CASES["residual-is-x"])
+    w = leaf(w_logits, torch.float32)
+    out = cpp.folded_cross_attention(x.float(), w, b_logits.float(), w_values.float(), bias.float(), x.float())
+    wr = leaf(w_logits, torch.float64)
+    out_ref = reference.folded_cross_attention(x, wr, b_logits, w_values, bias, x)
+    (dw,) = torch.autograd.grad(out.sum(), w)
+    (dw_ref,) = torch.autograd.grad(out_ref.sum(), wr)
+    check("dw_logits", dw, dw_ref, torch.float32)
+
+
+@pytest.mark.parametrize("residual", [None, "x", "other"])
+def test_folded_cross_attention_half_inputs_on_cpu(cpp, residual):
+    """bfloat16 on CPU runs the float32 kernels: dtype as the reference's, error no worse than eager's."""
+    base = fold_inputs(FOLD_CASES["other-residual"][:-1] + (residual,))
+    ref = fold_call(reference, base, residual)
+    half = [None if t is None else t.bfloat16() for t in base]
+    got, eager = fold_call(cpp, half, residual), fold_call(reference, half, residual)
+    assert got.dtype == eager.dtype == torch.bfloat16
+    assert rel_err(got, ref) <= 2 * rel_err(eager, ref)
+
+
+@pytest.mark.parametrize("residual", [None, "x", "other", "other-float64"])
+def test_folded_cross_attention_follows_autocast_like_linear(cpp, residual):
+    """Under CPU autocast the reference's products run in bfloat16 (F.linear); the result has the
+    reference's dtype (bfloat16, or the residual's promotion) and no larger error."""
+    x, w_logits, b_logits, w_values, bias, _ = fold_inputs(FOLD_CASES["residual-is-x"])
+    other = torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    res64 = {None: None, "x": x, "other": other, "other-float64": other}[residual]
+    want = reference.folded_cross_attention(x, w_logits, b_logits, w_values, bias, res64)
+    args = [x.float(), w_logits.float(), b_logits.float(), w_values.float(), bias.float()]
+    res = {None: None, "x": args[0], "other": other.float(), "other-float64": other}[residual]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = reference.folded_cross_attention(*args, res)
+        got = cpp.folded_cross_attention(*args, res)
+    assert got.dtype == eager.dtype
+    assert rel_err(got, want) <= 2 * rel_err(eager, want)
+
+
+def test_folded_cross_attention_promotes_a_float64_residual(cpp):
+    x, w_logits, b_logits, w_values, bias, other = fold_inputs(FOLD_CASES["other-residual"])
+    want = reference.folded_cross_attention(x.float(), w_logits.float(), b_logits.float(), w_values.float(),
+                                            bias.float(), other)
+    got = cpp.folded_cross_attention(x.float(), w_logits.float(), b_logits.float(), w_values.float(), bias.float(),
+                                     other)
+    assert got.dtype == want.dtype == torch.float64
+    assert rel_err(got, want) < 1e-6
+
+
 # ----------------------------------------------------------------------- backend plumbing
 def test_backend_registered_and_reasons(cpp):
     import svpt
@@ -239,6 +419,15 @@ def test_ops_dispatch_to_cpp(cpp, monkeypatch):
     assert calls == [1]
 
 
+def test_cpp_lists_the_fast_paths_measured_faster_on_cpu(cpp):
+    """benchmarks/results/cpp_cpu_fast_paths.txt: both fast paths pay on CPU; CUDA lists none."""
+    assert cpp.FAST_PATHS == {"cpu": ("prompt_kv_attention", "folded_cross_attention"), "cuda": ()}
+    import svpt
+    with svpt.backend("cpp"):
+        assert svpt.ops.fast_path("prompt_kv_attention", torch.device("cpu"))
+        assert svpt.ops.fast_path("folded_cross_attention", torch.device("cpu"))
+
+
 def test_torch_compile_traces_the_ops(cpp):
     """The ops have fake kernels: torch.compile(fullgraph=True) traces them without breaks."""
     q64, k64, v64 = attention_inputs(ATTENTION_CASES["M1-cls"])
@@ -255,9 +444,31 @@ def test_torch_compile_traces_the_ops(cpp):
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_prompt_attention_without_blas(cpp):
+def test_torch_compile_traces_the_fast_path_ops(cpp):
+    q, k, v, pk, pv = (t.float().requires_grad_() for t in kv_inputs(KV_CASES["shared-prompts"]))
+    x, w_logits, b_logits, w_values, bias, _ = (None if t is None else t.float().requires_grad_()
+                                                for t in fold_inputs(FOLD_CASES["residual-is-x"]))
+
+    def f(q, k, v, pk, pv, x, w_logits, b_logits, w_values, bias):
+        attn = cpp.prompt_kv_attention(q, k, v, pk, pv, 0.2)
+        return attn.sum() + cpp.folded_cross_attention(x, w_logits, b_logits, w_values, bias, x).square().sum()
+
+    inputs = (q, k, v, pk, pv, x, w_logits, b_logits, w_values, bias)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = compiled(*inputs)
+    got_grads = torch.autograd.grad(got, inputs)
+    torch._dynamo.reset()
+    want = f(*inputs)
+    want_grads = torch.autograd.grad(want, inputs)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_without_blas(cpp):
     """The CPU kernels' other GEMM path (at::mm, used when torch does not link MKL), forced
-    with SVPT_CPP_BLAS=0 in a fresh process (the choice is made once per process)."""
+    with SVPT_CPP_BLAS=0 in a fresh process (the choice is made once per process): prompt_attention,
+    prompt_kv_attention and folded_cross_attention."""
     import subprocess
     import sys
     code = (
@@ -276,6 +487,25 @@ def test_prompt_attention_without_blas(cpp):
         "errs = [((a.double() - b).norm() / b.norm()).item() for a, b in zip((out, *got), (want, *ref))]\n"
         "assert max(errs) < 1e-4, errs\n"
         "assert ((sal.double() - sal_ref.double()).norm() / sal_ref.double().norm()).item() < 1e-5\n"
+        "pk, pv = (t[:1, :9].detach().requires_grad_() for t in (k, v))\n"
+        "out = cpp.prompt_kv_attention(q, k, v, pk, pv, 0.1)\n"
+        "want = reference.prompt_kv_attention(*(t.double() for t in (q, k, v, pk, pv)), 0.1)\n"
+        "got = torch.autograd.grad(out, (q, k, v, pk, pv), g.float())\n"
+        "leaves = [t.detach().double().requires_grad_() for t in (q, k, v, pk, pv)]\n"
+        "ref = torch.autograd.grad(reference.prompt_kv_attention(*leaves, 0.1), leaves, g)\n"
+        "errs = [((a.double() - b).norm() / b.norm()).item() for a, b in zip((out, *got), (want, *ref))]\n"
+        "assert max(errs) < 1e-4, errs\n"
+        "x = q.detach().reshape(2, 70, 160).requires_grad_()\n"
+        "w = [torch.randn(2, 5, 160, requires_grad=True) for _ in range(2)]\n"
+        "bl, bias = torch.randn(2, 5, requires_grad=True), torch.randn(160, requires_grad=True)\n"
+        "ins = [x, w[0], bl, w[1], bias]\n"
+        "out = cpp.folded_cross_attention(*ins, x)\n"
+        "leaves = [t.detach().double().requires_grad_() for t in ins]\n"
+        "want = reference.folded_cross_attention(*leaves, leaves[0])\n"
+        "got = torch.autograd.grad(out, ins, want.detach().float())\n"
+        "ref = torch.autograd.grad(want, leaves, want.detach())\n"
+        "errs = [((a.double() - b).norm() / b.norm()).item() for a, b in zip((out, *got), (want, *ref))]\n"
+        "assert max(errs) < 1e-4, errs\n"
         "print('ok')\n"
     )
     import os

@@ -10,6 +10,8 @@
   gradient < 1e-4; the fast-path op is spied on, so the test knows which path ran.
 * When a fast path must not run: prompt dropout in training (plain path, one warning), q_norm
   for CVPT (plain path, one warning), the eager backend or fast_paths(False) (plain, silent).
+* The same on the C++ backend's CPU kernels (backend "cpp", which lists both fast paths on CPU):
+  fast path vs its own plain path (fp32 and float64) and vs eager float64, and the fallbacks.
 """
 from __future__ import annotations
 
@@ -31,24 +33,43 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAST_OP = {"vpt-deep": "prompt_kv_attention", "cvpt": "folded_cross_attention"}
 
 
-@pytest.fixture
-def spy(monkeypatch):
-    """Counts the calls of each fast-path op of the Triton backend, with every fast path it
-    implements enabled (the CVPT fold is implemented but off by default: it measured slower)."""
-    monkeypatch.setattr(triton_backend, "FAST_PATHS", tuple(FAST_OP.values()))
+def spy_on(monkeypatch, module) -> dict:
+    """Counts the calls of each fast-path op of the backend ``module`` (name -> calls)."""
     calls = {}
     for name in FAST_OP.values():
-        real = getattr(triton_backend, name)
+        real = getattr(module, name)
 
         def counted(*args, _real=real, _name=name):
             calls[_name] = calls.get(_name, 0) + 1
             return _real(*args)
-        monkeypatch.setattr(triton_backend, name, counted)
+        monkeypatch.setattr(module, name, counted)
     return calls
 
 
-def prompted(backbone: str, method: str, num_prompts: int = 3, **options) -> torch.nn.Module:
-    return svpt.prompt(BACKBONES[backbone](), method, num_prompts, **options).to(DEVICE)
+def cpp_module():
+    from svpt_kernels import cpp
+    reason = cpp.why_unusable("cpu")
+    assert reason is None, f"the C++ extension must be built for these tests: {reason}"
+    return cpp
+
+
+def backend_spy(monkeypatch, backend: str) -> tuple[dict, str]:
+    """(calls of each fast-path op, device to run on) for ``backend`` with its fast paths on:
+    Triton on DEVICE with every fast path it implements (the CVPT fold is implemented but off
+    by default: it measured slower); cpp on CPU with the FAST_PATHS it ships (both, CPU only)."""
+    if backend == "triton":
+        monkeypatch.setattr(triton_backend, "FAST_PATHS", tuple(FAST_OP.values()))
+        return spy_on(monkeypatch, triton_backend), DEVICE
+    return spy_on(monkeypatch, cpp_module()), "cpu"
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    return backend_spy(monkeypatch, "triton")[0]
+
+
+def prompted(backbone: str, method: str, num_prompts: int = 3, device: str = DEVICE, **options) -> torch.nn.Module:
+    return svpt.prompt(BACKBONES[backbone](), method, num_prompts, **options).to(device)
 
 
 def logits_and_grads(model, images, backend, fast=True):
@@ -205,16 +226,18 @@ def test_fast_path_model_matches_plain_and_reference(spy, backbone, method, opti
     assert_close(plain, want, 1e-4, "plain vs float64")
 
 
-def test_cvpt_falls_back_with_q_norm(spy):
-    model = prompted("qknorm", "cvpt")
-    images = make_images(2, seed=4).to(DEVICE)
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_cvpt_falls_back_with_q_norm(monkeypatch, backend):
+    spy, device = backend_spy(monkeypatch, backend)
+    model = prompted("qknorm", "cvpt", device=device)
+    images = make_images(2, seed=4).to(device)
     want = logits_and_grads(copy.deepcopy(model).double(), images.double(), "eager")
     with pytest.warns(RuntimeWarning, match="q_norm") as record:
-        got = logits_and_grads(model, images, "triton")
-        logits_and_grads(model, images, "triton")
+        got = logits_and_grads(model, images, backend)
+        logits_and_grads(model, images, backend)
     assert len([w for w in record if "fast path" in str(w.message)]) == 1  # once, not per block or step
     assert "folded_cross_attention" not in spy
-    assert_close(got, want, 1e-4, "qknorm cvpt plain vs float64")
+    assert_close(got, want, 1e-4, f"qknorm cvpt plain ({backend}) vs float64")
 
 
 def test_vpt_deep_fast_path_with_qk_norm_model(spy):
@@ -227,11 +250,13 @@ def test_vpt_deep_fast_path_with_qk_norm_model(spy):
     assert_close(got, want, 1e-4, "qknorm vpt-deep fast vs float64")
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
 @pytest.mark.parametrize("method", ["vpt-deep", "cvpt"])
-def test_prompt_dropout_in_training_falls_back_once(spy, method):
-    model = prompted("vit", method, prompt_dropout=0.5).train()
-    images = make_images(2, seed=6).to(DEVICE)
-    with svpt.backend("triton"), pytest.warns(RuntimeWarning, match="prompt dropout") as record:
+def test_prompt_dropout_in_training_falls_back_once(monkeypatch, backend, method):
+    spy, device = backend_spy(monkeypatch, backend)
+    model = prompted("vit", method, prompt_dropout=0.5, device=device).train()
+    images = make_images(2, seed=6).to(device)
+    with svpt.backend(backend), pytest.warns(RuntimeWarning, match="prompt dropout") as record:
         model(images)
         model(images)
     assert len([w for w in record if "fast path" in str(w.message)]) == 1
@@ -240,10 +265,10 @@ def test_prompt_dropout_in_training_falls_back_once(spy, method):
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = logits_and_grads(model, images, "triton")
+        got = logits_and_grads(model, images, backend)
     assert spy.get(FAST_OP[method]) == len(model.blocks)
     want = logits_and_grads(copy.deepcopy(model).double(), images.double(), "eager")
-    assert_close(got, want, 1e-4, "eval with dropout")
+    assert_close(got, want, 1e-4, f"eval with dropout ({backend})")
 
 
 def test_triton_lists_only_the_fast_paths_that_pay():
@@ -288,3 +313,71 @@ def test_fast_paths_compile_fullgraph(method):
         got.sum().backward()
     assert rel_err(got.detach(), expected.detach()) < 1e-5
     assert model.prompter.prompts.grad.abs().max() > 0
+
+
+# ------------------------------------------------------------------ whole models, cpp (CPU kernels)
+@pytest.fixture
+def cpp_spy(monkeypatch):
+    """Counts the calls of the C++ backend's fast-path ops, with the FAST_PATHS it ships (CPU)."""
+    return backend_spy(monkeypatch, "cpp")[0]
+
+
+CPP_MODEL_CASES = MODEL_CASES + [
+    ("qknorm", "vpt-deep", {}),               # q/k norms act per token: the KV-only path stays exact
+    ("vit", "cvpt", {"cvpt_position": 1}),    # before SA
+    ("deit", "cvpt", {"cvpt_position": 5}),   # after the MLP, two prefix tokens
+]
+
+
+@pytest.mark.parametrize("backbone,method,options", CPP_MODEL_CASES,
+                         ids=[f"{b}-{m}-{'-'.join(map(str, o.values())) or 'default'}" for b, m, o in CPP_MODEL_CASES])
+def test_cpp_fast_path_model_matches_plain_and_reference(cpp_spy, backbone, method, options):
+    model = prompted(backbone, method, device="cpu", **options)
+    images = make_images(2, seed=3)
+    want = logits_and_grads(copy.deepcopy(model).double(), images.double(), "eager")
+    plain = logits_and_grads(model, images, "cpp", fast=False)
+    assert not cpp_spy
+    fast = logits_and_grads(model, images, "cpp")
+    assert cpp_spy.get(FAST_OP[method]) == len(model.blocks)
+    assert_close(fast, want, 1e-4, "cpp fast vs float64")
+    assert_close(fast, plain, 1e-4, "cpp fast vs cpp plain fp32")
+    assert_close(plain, want, 1e-4, "cpp plain vs float64")
+
+
+@pytest.mark.parametrize("method,options", [("vpt-deep", {}), ("cvpt", {}), ("cvpt", {"cvpt_position": 4})])
+def test_cpp_fast_path_equals_plain_path_in_float64(cpp_spy, method, options):
+    # The C++ CPU kernels compute float64: the rewrite is exact up to rounding there too.
+    model = prompted("dinov2", method, 4, device="cpu", **options).double()
+    images = make_images(2, seed=11).double()
+    plain = logits_and_grads(model, images, "cpp", fast=False)
+    fast = logits_and_grads(model, images, "cpp")
+    assert cpp_spy.get(FAST_OP[method]) == len(model.blocks)
+    assert_close(fast, plain, 1e-12, "cpp float64 fast vs plain")
+
+
+def test_cpp_fast_paths_off_and_fold_that_costs_more_run_the_plain_path(cpp_spy):
+    images = make_images(1, seed=9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with svpt.backend("cpp"), svpt.backends.fast_paths(False):
+            prompted("vit", "vpt-deep", device="cpu")(images)
+            prompted("vit", "cvpt", device="cpu")(images)
+        with svpt.backend("cpp"):  # (H - 1) M >= d: the fold would cost more than the products it replaces
+            prompted("vit", "cvpt", num_prompts=16, device="cpu")(images)
+    assert not cpp_spy
+
+
+def test_fast_paths_per_device_type(monkeypatch):
+    """A backend's FAST_PATHS may be a dict {device type: ops}: the cpp backend lists its fast
+    paths for CPU only; a device type missing from the dict has none."""
+    cpp = cpp_module()
+    cpu = torch.device("cpu")
+    with svpt.backend("cpp"):
+        assert svpt.ops.fast_path("prompt_kv_attention", cpu) and svpt.ops.fast_path("folded_cross_attention", cpu)
+        with svpt.backends.fast_paths(False):
+            assert not svpt.ops.fast_path("prompt_kv_attention", cpu)
+        monkeypatch.setattr(cpp, "FAST_PATHS", {"cuda": ("prompt_kv_attention",)})
+        assert not svpt.ops.fast_path("prompt_kv_attention", cpu)
+        monkeypatch.setattr(cpp, "FAST_PATHS", ("folded_cross_attention",))  # a tuple: every device type
+        assert svpt.ops.fast_path("folded_cross_attention", cpu)
+        assert not svpt.ops.fast_path("prompt_kv_attention", cpu)

@@ -59,7 +59,11 @@ def examples(n: int):
 BACKENDS = [name for name in backends._REGISTRY if name != "eager"]  # noqa: SLF001
 DEVICE = torch.device("cpu")
 FP32_BOUND, FP64_BOUND = 1e-4, 1e-10
-FP16_FLOOR = 2e-3
+# Below this relative error the 2x-eager rule compares rounding noise: bf16's unit roundoff
+# (2^-8) is itself larger than 2e-3, and at tiny shapes (one key, one query) eager's error is
+# one rounding and a fused kernel's two (GPU run: 7.73e-3 against eager's 3.84e-3,
+# benchmarks/results/properties_gpu_h200.txt).
+LOW_PRECISION_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 2.0 ** -8}
 OPS = ["da_mix", "prompt_attention", "ae_update", "prompt_kv_attention", "folded_cross_attention"]
 
 
@@ -114,7 +118,7 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, eager: torch.Tensor | No
         assert err < FP32_BOUND or err <= 2 * eager_err, \
             f"{what}: fp32 relative error {err:.3g} >= {FP32_BOUND} (eager fp32: {eager_err:.3g})"
     else:
-        bound = 2 * rel_err(eager, want) + FP16_FLOOR
+        bound = 2 * rel_err(eager, want) + LOW_PRECISION_FLOOR[dtype]
         assert err <= bound, f"{what}: {dtype} relative error {err:.3g} > 2 x eager's + floor = {bound:.3g}"
 
 

@@ -130,6 +130,19 @@ def test_prompt_attention_saliency_is_head_and_row_mean_of_probabilities():
     assert sal.sum(-1).lt(1).all()  # not renormalised: prefix and prompt columns are left out
 
 
+def test_sdpa_route_matches_reference():
+    """The fp16/bf16 GPU route without saliency (PyTorch SDPA), checked here in float64 on CPU
+    against the reference: output and q/k/v gradients."""
+    from svpt_kernels.triton.prompt_attention import _sdpa
+    q, k, v = (t.double().requires_grad_() for t in qkv_views(2, 13, 3, 16, seed=4))
+    got, sal = _sdpa(q, k, v, 0.4)
+    want = reference.prompt_attention(q, k, v, 0.4)[0]
+    assert sal is None and rel_err(got, want) < 1e-12
+    grad = torch.randn_like(want)
+    pairs = zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad))
+    assert all(rel_err(g, w) < 1e-12 for g, w in pairs)
+
+
 def test_prompt_attention_without_saliency_returns_none():
     q, k, v = (t.to(DEVICE) for t in qkv_views(1, 5, 1, 32, seed=1))
     out, sal = triton_backend.prompt_attention(q.float(), k.float(), v.float(), 1.0)

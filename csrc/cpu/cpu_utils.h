@@ -1,5 +1,5 @@
-// CPU helpers: a row-major GEMM on raw pointers (the BLAS torch links, or at::addmm)
-// and an exp that the compiler can vectorise.
+// CPU helpers: a row-major GEMM on raw pointers (the BLAS torch links, or at::addmm),
+// an exp that the compiler can vectorise, and the row softmax the kernels share.
 #pragma once
 
 #include <algorithm>
@@ -146,6 +146,20 @@ __attribute__((always_inline)) inline float exp_shifted_inplace(float* s, int64_
 }
 
 inline double fast_exp(double x) { return std::exp(x); }  // float64 is for checking, not speed
+
+// Row softmax and its backward (softmax.cpp), float32 vectorised, float64 plain.
+// softmax_row: s <- softmax(s), returns the log-sum-exp.
+// dsoftmax_row: s <- p = exp(s - lse); dp <- ds = p * (dp - sum_j p_j dp_j).
+// softmax_grad_row: the same ds from the probabilities p themselves.
+float softmax_row_f32(float* s, int64_t n);
+double softmax_row(double* s, int64_t n);
+void dsoftmax_row_f32(float* s, float* dp, int64_t n, float lse);
+void dsoftmax_row(double* s, double* dp, int64_t n, double lse);
+void softmax_grad_row_f32(const float* p, float* dp, int64_t n);
+void softmax_grad_row(const double* p, double* dp, int64_t n);
+inline float softmax_row(float* s, int64_t n) { return softmax_row_f32(s, n); }
+inline void dsoftmax_row(float* s, float* dp, int64_t n, float lse) { dsoftmax_row_f32(s, dp, n, lse); }
+inline void softmax_grad_row(const float* p, float* dp, int64_t n) { softmax_grad_row_f32(p, dp, n); }
 
 }  // namespace cpu
 }  // namespace svpt

@@ -1,5 +1,9 @@
-// prompt_attention on CUDA: flash-attention style kernels, fp32/fp64/fp16/bf16 inputs with
-// float (double for fp64) accumulation, head dim up to 128, any Tq/Tk (tiles are masked).
+// prompt_attention and prompt_kv_attention on CUDA: flash-attention style kernels,
+// fp32/fp64/fp16/bf16 inputs with float (double for fp64) accumulation, head dim up to 128,
+// any Tq/Tk (tiles are masked). The keys/values come as one segment (prompt_attention) or two
+// (prompt_kv_attention: the prompt segment, then the tokens' own), never concatenated: the
+// forward and dQ kernels run their online softmax over the tiles of each segment in turn, the
+// dK/dV kernel runs once per segment.
 //
 // Every kernel works on 32 x 32 tiles of (query rows x key columns) with 4 warps; each warp
 // owns 8 rows of the "owned" side (query rows in the forward and dQ kernels, key rows in
@@ -12,6 +16,7 @@
 #include <ATen/Dispatch.h>
 
 #include <limits>
+#include <vector>
 
 #include "../svpt.h"
 #include "cuda_utils.cuh"
@@ -35,6 +40,18 @@ Strides strides_of(const at::Tensor& t, bool bcast_batch) {
   return {bcast_batch ? 0 : t.stride(0), t.stride(1), t.stride(2)};
 }
 
+constexpr int kMaxSegments = 2;
+
+// The keys/values of the forward and dQ kernels: up to two segments, read one after the other.
+template <typename scalar_t>
+struct Segments {
+  const scalar_t* k[kMaxSegments];
+  const scalar_t* v[kMaxSegments];
+  Strides ks[kMaxSegments], vs[kMaxSegments];
+  int len[kMaxSegments];
+  int count;
+};
+
 // tile[i][c] (row stride dp) <- src rows row0 + i, zero past `rows`.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void load_tile(acc_t* tile, const scalar_t* __restrict__ src, int64_t row_stride, int row0,
@@ -54,10 +71,9 @@ __device__ __forceinline__ acc_t dot(const acc_t* a, const acc_t* b, int d) {
 
 template <typename scalar_t, typename acc_t, int NC>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const scalar_t* __restrict__ q,
-                                                            const scalar_t* __restrict__ k,
-                                                            const scalar_t* __restrict__ v, scalar_t* __restrict__ out,
-                                                            acc_t* __restrict__ lse, int Tq, int Tk, int H, int D,
-                                                            Strides qs, Strides ks, Strides vs, acc_t scale) {
+                                                            const Segments<scalar_t> kv, scalar_t* __restrict__ out,
+                                                            acc_t* __restrict__ lse, int Tq, int H, int D, Strides qs,
+                                                            acc_t scale) {
   extern __shared__ __align__(16) unsigned char smem_raw[];  // aligned for double tiles
   const int dp = D + 1;  // padded rows: lanes reading different rows hit different banks
   acc_t* sQ = reinterpret_cast<acc_t*>(smem_raw);
@@ -66,8 +82,6 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const scalar_t* __re
   acc_t* sP = sV + kTile * dp;  // [query row][key], stride kTile + 1
   const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * kTile;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const scalar_t* kb = k + b * ks.b + h * ks.h;
-  const scalar_t* vb = v + b * vs.b + h * vs.h;
   load_tile(sQ, q + b * qs.b + h * qs.h, qs.t, q0, Tq, D, dp);
 
   acc_t m[kRows], l[kRows], acc[kRows][NC];
@@ -78,35 +92,40 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const scalar_t* __re
 #pragma unroll
     for (int cc = 0; cc < NC; ++cc) acc[r][cc] = 0;
   }
-  for (int k0 = 0; k0 < Tk; k0 += kTile) {
-    __syncthreads();  // the previous tile is consumed
-    load_tile(sK, kb, ks.t, k0, Tk, D, dp);
-    load_tile(sV, vb, vs.t, k0, Tk, D, dp);
-    __syncthreads();
-    const bool valid = k0 + lane < Tk;
+  for (int seg = 0; seg < kv.count; ++seg) {
+    const scalar_t* kb = kv.k[seg] + b * kv.ks[seg].b + h * kv.ks[seg].h;
+    const scalar_t* vb = kv.v[seg] + b * kv.vs[seg].b + h * kv.vs[seg].h;
+    const int Tk = kv.len[seg];
+    for (int k0 = 0; k0 < Tk; k0 += kTile) {
+      __syncthreads();  // the previous tile is consumed
+      load_tile(sK, kb, kv.ks[seg].t, k0, Tk, D, dp);
+      load_tile(sV, vb, kv.vs[seg].t, k0, Tk, D, dp);
+      __syncthreads();
+      const bool valid = k0 + lane < Tk;
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int i = warp * kRows + r;
-      const acc_t s = valid ? dot(sQ + i * dp, sK + lane * dp, D) * scale : -std::numeric_limits<acc_t>::infinity();
-      const acc_t m_new = max(m[r], warp_max(s));  // finite: lane 0 is always a valid key
-      const acc_t p = valid ? exp_acc(s - m_new) : acc_t(0);
-      const acc_t alpha = exp_acc(m[r] - m_new);
-      l[r] = l[r] * alpha + warp_sum(p);
-      m[r] = m_new;
-      sP[i * (kTile + 1) + lane] = p;
+      for (int r = 0; r < kRows; ++r) {
+        const int i = warp * kRows + r;
+        const acc_t s = valid ? dot(sQ + i * dp, sK + lane * dp, D) * scale : -std::numeric_limits<acc_t>::infinity();
+        const acc_t m_new = max(m[r], warp_max(s));  // finite: lane 0 is always a valid key
+        const acc_t p = valid ? exp_acc(s - m_new) : acc_t(0);
+        const acc_t alpha = exp_acc(m[r] - m_new);
+        l[r] = l[r] * alpha + warp_sum(p);
+        m[r] = m_new;
+        sP[i * (kTile + 1) + lane] = p;
 #pragma unroll
-      for (int cc = 0; cc < NC; ++cc) acc[r][cc] *= alpha;
-    }
-    __syncwarp();
+        for (int cc = 0; cc < NC; ++cc) acc[r][cc] *= alpha;
+      }
+      __syncwarp();
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int i = warp * kRows + r;
-      for (int j = 0; j < kTile; ++j) {
-        const acc_t p = sP[i * (kTile + 1) + j];
+      for (int r = 0; r < kRows; ++r) {
+        const int i = warp * kRows + r;
+        for (int j = 0; j < kTile; ++j) {
+          const acc_t p = sP[i * (kTile + 1) + j];
 #pragma unroll
-        for (int cc = 0; cc < NC; ++cc) {
-          const int c = lane + 32 * cc;
-          if (c < D) acc[r][cc] += p * sV[j * dp + c];
+          for (int cc = 0; cc < NC; ++cc) {
+            const int c = lane + 32 * cc;
+            if (c < D) acc[r][cc] += p * sV[j * dp + c];
+          }
         }
       }
     }
@@ -151,10 +170,9 @@ __global__ void __launch_bounds__(kThreads) saliency_kernel(const scalar_t* __re
 
 template <typename scalar_t, typename acc_t, int NC>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(
-    const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
-    const scalar_t* __restrict__ g, const acc_t* __restrict__ lse, const acc_t* __restrict__ di,
-    scalar_t* __restrict__ dq, int Tq, int Tk, int H, int D, Strides qs, Strides ks, Strides vs, Strides gs,
-    acc_t scale) {
+    const scalar_t* __restrict__ q, const Segments<scalar_t> kv, const scalar_t* __restrict__ g,
+    const acc_t* __restrict__ lse, const acc_t* __restrict__ di, scalar_t* __restrict__ dq, int Tq, int H, int D,
+    Strides qs, Strides gs, acc_t scale) {
   extern __shared__ __align__(16) unsigned char smem_raw[];  // aligned for double tiles
   const int dp = D + 1;
   acc_t* sQ = reinterpret_cast<acc_t*>(smem_raw);
@@ -164,8 +182,6 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(
   acc_t* sS = sV + kTile * dp;  // dS [query row][key]
   const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * kTile;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const scalar_t* kb = k + b * ks.b + h * ks.h;
-  const scalar_t* vb = v + b * vs.b + h * vs.h;
   load_tile(sQ, q + b * qs.b + h * qs.h, qs.t, q0, Tq, D, dp);
   load_tile(sG, g + b * gs.b + h * gs.h, gs.t, q0, Tq, D, dp);
   acc_t row_lse[kRows], row_di[kRows], acc[kRows][NC];
@@ -178,32 +194,37 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(
 #pragma unroll
     for (int cc = 0; cc < NC; ++cc) acc[r][cc] = 0;
   }
-  for (int k0 = 0; k0 < Tk; k0 += kTile) {
-    __syncthreads();
-    load_tile(sK, kb, ks.t, k0, Tk, D, dp);
-    load_tile(sV, vb, vs.t, k0, Tk, D, dp);
-    __syncthreads();
-    const bool valid = k0 + lane < Tk;
+  for (int seg = 0; seg < kv.count; ++seg) {
+    const scalar_t* kb = kv.k[seg] + b * kv.ks[seg].b + h * kv.ks[seg].h;
+    const scalar_t* vb = kv.v[seg] + b * kv.vs[seg].b + h * kv.vs[seg].h;
+    const int Tk = kv.len[seg];
+    for (int k0 = 0; k0 < Tk; k0 += kTile) {
+      __syncthreads();
+      load_tile(sK, kb, kv.ks[seg].t, k0, Tk, D, dp);
+      load_tile(sV, vb, kv.vs[seg].t, k0, Tk, D, dp);
+      __syncthreads();
+      const bool valid = k0 + lane < Tk;
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int i = warp * kRows + r;
-      acc_t ds = 0;
-      if (valid) {
-        const acc_t p = exp_acc(dot(sQ + i * dp, sK + lane * dp, D) * scale - row_lse[r]);
-        ds = p * (dot(sG + i * dp, sV + lane * dp, D) - row_di[r]);
+      for (int r = 0; r < kRows; ++r) {
+        const int i = warp * kRows + r;
+        acc_t ds = 0;
+        if (valid) {
+          const acc_t p = exp_acc(dot(sQ + i * dp, sK + lane * dp, D) * scale - row_lse[r]);
+          ds = p * (dot(sG + i * dp, sV + lane * dp, D) - row_di[r]);
+        }
+        sS[i * (kTile + 1) + lane] = ds;
       }
-      sS[i * (kTile + 1) + lane] = ds;
-    }
-    __syncwarp();
+      __syncwarp();
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int i = warp * kRows + r;
-      for (int j = 0; j < kTile; ++j) {
-        const acc_t ds = sS[i * (kTile + 1) + j];
+      for (int r = 0; r < kRows; ++r) {
+        const int i = warp * kRows + r;
+        for (int j = 0; j < kTile; ++j) {
+          const acc_t ds = sS[i * (kTile + 1) + j];
 #pragma unroll
-        for (int cc = 0; cc < NC; ++cc) {
-          const int c = lane + 32 * cc;
-          if (c < D) acc[r][cc] += ds * sK[j * dp + c];
+          for (int cc = 0; cc < NC; ++cc) {
+            const int c = lane + 32 * cc;
+            if (c < D) acc[r][cc] += ds * sK[j * dp + c];
+          }
         }
       }
     }
@@ -323,27 +344,45 @@ void dispatch_head_dim(int64_t D, const F& f) {
   return f(std::integral_constant<int, 4>());
 }
 
-}  // namespace
+// The keys/values of a launch; a segment with batch 1 is read by every sample (batch stride 0).
+template <typename scalar_t>
+Segments<scalar_t> segments_of(const std::vector<KV>& kv, int64_t batch) {
+  TORCH_CHECK(kv.size() >= 1 && kv.size() <= kMaxSegments, "svpt attention (CUDA kernels): 1 or 2 key segments");
+  Segments<scalar_t> s{};
+  s.count = static_cast<int>(kv.size());
+  for (int i = 0; i < s.count; ++i) {
+    const bool bcast = kv[i].k.size(0) == 1 && batch > 1;
+    s.k[i] = kv[i].k.data_ptr<scalar_t>();
+    s.v[i] = kv[i].v.data_ptr<scalar_t>();
+    s.ks[i] = strides_of(kv[i].k, bcast);
+    s.vs[i] = strides_of(kv[i].v, bcast);
+    s.len[i] = static_cast<int>(kv[i].k.size(1));
+  }
+  return s;
+}
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> prompt_attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                                         const at::Tensor& v_in, double scale,
-                                                                         int64_t sal_start, int64_t sal_count,
-                                                                         int64_t sal_cols) {
-  check_attention(q_in, k_in, v_in);
-  check_saliency(q_in, k_in, sal_start, sal_count, sal_cols);
-  TORCH_CHECK(q_in.scalar_type() == k_in.scalar_type() && q_in.scalar_type() == v_in.scalar_type(),
-              "svpt prompt_attention: q, k, v dtypes differ");
-  const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = unit_stride_d(q_in), k = unit_stride_d(k_in), v = unit_stride_d(v_in);
-  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3), Tk = k.size(1);
-  const bool bcast = k.size(0) == 1 && B > 1;
+std::vector<KV> unit_stride_kv(const std::vector<KV>& kv) {
+  std::vector<KV> out;
+  for (const KV& s : kv) out.push_back({unit_stride_d(s.k), unit_stride_d(s.v)});
+  return out;
+}
+
+void check_same_dtype(const at::Tensor& q, const std::vector<KV>& kv) {
+  for (const KV& s : kv) {
+    TORCH_CHECK(s.k.scalar_type() == q.scalar_type() && s.v.scalar_type() == q.scalar_type(),
+                "svpt attention (CUDA kernels): q, k, v dtypes differ");
+  }
+}
+
+// out [B, Tq, H, D] and lse [B, H, Tq] (accumulation dtype) of q's attention over the segments.
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const std::vector<KV>& kv, double scale) {
+  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
   const auto acc_type = at::toAccumulateType(q.scalar_type(), /*is_cuda=*/true);
   at::Tensor out = at::empty({B, Tq, H, D}, q.options());
   at::Tensor lse = at::empty({B, H, Tq}, q.options().dtype(acc_type));
-  at::Tensor saliency = at::empty({0}, q.options().dtype(at::kFloat));
-  if (B == 0 || Tq == 0) return {out, lse, saliency};
+  if (B == 0 || Tq == 0) return {out, lse};
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "svpt_prompt_attention_fwd_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "svpt_attention_fwd_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     dispatch_head_dim(D, [&](auto nc) {
       constexpr int NC = decltype(nc)::value;
@@ -351,45 +390,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prompt_attention_fwd_cuda(const a
       const size_t smem = (3 * kTile * (D + 1) + kTile * (kTile + 1)) * sizeof(acc_t);
       set_smem(kernel, smem);
       const dim3 grid((Tq + kTile - 1) / kTile, H, B);
-      kernel<<<grid, kThreads, smem, stream>>>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                                               out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), Tq, Tk, H, D,
-                                               strides_of(q, false), strides_of(k, bcast), strides_of(v, bcast),
-                                               static_cast<acc_t>(scale));
+      kernel<<<grid, kThreads, smem, stream>>>(q.data_ptr<scalar_t>(), segments_of<scalar_t>(kv, B),
+                                               out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), Tq, H, D,
+                                               strides_of(q, false), static_cast<acc_t>(scale));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    if (sal_count > 0) {
-      at::Tensor probs = at::empty({B, H, sal_count, Tk - sal_cols}, lse.options());
-      const dim3 grid(sal_count, H, B);
-      saliency_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), probs.data_ptr<acc_t>(), Tq, Tk, H, D,
-          strides_of(q, false), strides_of(k, bcast), static_cast<acc_t>(scale), sal_start, sal_count, sal_cols);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      saliency = (probs.sum({1, 2}) / double(H * sal_count)).to(at::kFloat);
-    }
   });
-  return {out, lse, saliency};
+  return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> prompt_attention_bwd_cuda(const at::Tensor& grad_out,
-                                                                         const at::Tensor& q_in, const at::Tensor& k_in,
-                                                                         const at::Tensor& v_in, const at::Tensor& out,
-                                                                         const at::Tensor& lse_in, double scale) {
-  check_attention(q_in, k_in, v_in);
-  const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = unit_stride_d(q_in), k = unit_stride_d(k_in), v = unit_stride_d(v_in);
-  const at::Tensor g = unit_stride_d(grad_out.to(q.scalar_type()));
+// AE saliency from the forward's lse (one key segment): float32 [B, Tk - cols].
+at::Tensor saliency_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse, double scale, int64_t start,
+                       int64_t count, int64_t cols) {
   const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3), Tk = k.size(1);
   const bool bcast = k.size(0) == 1 && B > 1;
+  at::Tensor probs = at::empty({B, H, count, Tk - cols}, lse.options());
+  if (B == 0) return probs.sum({1, 2}).to(at::kFloat);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "svpt_saliency_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const dim3 grid(count, H, B);
+    saliency_kernel<scalar_t, acc_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), probs.data_ptr<acc_t>(), Tq, Tk, H, D,
+        strides_of(q, false), strides_of(k, bcast), static_cast<acc_t>(scale), start, count, cols);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return (probs.sum({1, 2}) / double(H * count)).to(at::kFloat);
+}
+
+// dq and each segment's (dk, dv) in the segment's dtype, summed over the batch where the
+// segment has batch 1 (per-sample partials, then a sum: deterministic, no atomics).
+std::pair<at::Tensor, std::vector<KV>> attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
+                                                          const std::vector<KV>& kv, const at::Tensor& out,
+                                                          const at::Tensor& lse_in, double scale) {
+  const at::Tensor g = unit_stride_d(grad_out.to(q.scalar_type()));
+  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
   const auto acc_type = at::toAccumulateType(q.scalar_type(), /*is_cuda=*/true);
   const at::Tensor lse = lse_in.to(acc_type).contiguous();
   // D_i = rowsum(dO * O), [B, H, Tq]: a small reduction, left to ATen.
   const at::Tensor di = (g.to(acc_type) * out.to(acc_type)).sum(-1).permute({0, 2, 1}).contiguous();
   at::Tensor dq = at::empty({B, Tq, H, D}, q.options());
-  at::Tensor dk = at::empty({B, Tk, H, D}, q.options().dtype(acc_type));  // per-sample when broadcast
-  at::Tensor dv = at::empty({B, Tk, H, D}, q.options().dtype(acc_type));
+  std::vector<KV> grads;
+  for (const KV& s : kv) {
+    const auto opts = q.options().dtype(acc_type);
+    grads.push_back({at::empty({B, s.k.size(1), H, D}, opts), at::empty({B, s.k.size(1), H, D}, opts)});
+  }
   if (B > 0 && Tq > 0) {
     auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "svpt_prompt_attention_bwd_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "svpt_attention_bwd_cuda", [&] {
       using acc_t = at::acc_type<scalar_t, true>;
       dispatch_head_dim(D, [&](auto nc) {
         constexpr int NC = decltype(nc)::value;
@@ -398,21 +445,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prompt_attention_bwd_cuda(const a
           const size_t smem = (4 * kTile * (D + 1) + kTile * (kTile + 1)) * sizeof(acc_t);
           set_smem(kernel, smem);
           const dim3 grid((Tq + kTile - 1) / kTile, H, B);
-          kernel<<<grid, kThreads, smem, stream>>>(
-              q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
-              lse.data_ptr<acc_t>(), di.data_ptr<acc_t>(), dq.data_ptr<scalar_t>(), Tq, Tk, H, D, strides_of(q, false),
-              strides_of(k, bcast), strides_of(v, bcast), strides_of(g, false), static_cast<acc_t>(scale));
+          kernel<<<grid, kThreads, smem, stream>>>(q.data_ptr<scalar_t>(), segments_of<scalar_t>(kv, B),
+                                                   g.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), di.data_ptr<acc_t>(),
+                                                   dq.data_ptr<scalar_t>(), Tq, H, D, strides_of(q, false),
+                                                   strides_of(g, false), static_cast<acc_t>(scale));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
-        {
-          auto kernel = attn_bwd_dkdv_kernel<scalar_t, acc_t, NC>;
-          const size_t smem = (4 * kTile * (D + 1) + 2 * kTile * (kTile + 1) + 2 * kTile) * sizeof(acc_t);
-          set_smem(kernel, smem);
+        auto kernel = attn_bwd_dkdv_kernel<scalar_t, acc_t, NC>;
+        const size_t smem = (4 * kTile * (D + 1) + 2 * kTile * (kTile + 1) + 2 * kTile) * sizeof(acc_t);
+        set_smem(kernel, smem);
+        for (size_t i = 0; i < kv.size(); ++i) {  // one launch per key segment
+          const at::Tensor &k = kv[i].k, &v = kv[i].v;
+          const int64_t Tk = k.size(1);
+          const bool bcast = k.size(0) == 1 && B > 1;
           const dim3 grid((Tk + kTile - 1) / kTile, H, B);
           kernel<<<grid, kThreads, smem, stream>>>(
               q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
-              lse.data_ptr<acc_t>(), di.data_ptr<acc_t>(), dk.data_ptr<acc_t>(), dv.data_ptr<acc_t>(), Tq, Tk, H, D,
-              strides_of(q, false), strides_of(k, bcast), strides_of(v, bcast), strides_of(g, false),
+              lse.data_ptr<acc_t>(), di.data_ptr<acc_t>(), grads[i].k.data_ptr<acc_t>(), grads[i].v.data_ptr<acc_t>(),
+              Tq, Tk, H, D, strides_of(q, false), strides_of(k, bcast), strides_of(v, bcast), strides_of(g, false),
               static_cast<acc_t>(scale));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
@@ -420,14 +470,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prompt_attention_bwd_cuda(const a
     });
   } else {
     dq.zero_();
-    dk.zero_();
-    dv.zero_();
+    for (KV& d : grads) {
+      d.k.zero_();
+      d.v.zero_();
+    }
   }
-  if (k.size(0) == 1) {
-    dk = dk.sum(0, true);
-    dv = dv.sum(0, true);
+  for (size_t i = 0; i < kv.size(); ++i) {
+    KV& d = grads[i];
+    if (kv[i].k.size(0) == 1 && B != 1) d = {d.k.sum(0, true), d.v.sum(0, true)};
+    d = {d.k.to(kv[i].k.scalar_type()), d.v.to(kv[i].v.scalar_type())};
   }
-  return {dq, dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+  return {dq, grads};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prompt_attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                                         const at::Tensor& v_in, double scale,
+                                                                         int64_t sal_start, int64_t sal_count,
+                                                                         int64_t sal_cols) {
+  check_attention(q_in, k_in, v_in);
+  check_saliency(q_in, k_in, sal_start, sal_count, sal_cols);
+  const std::vector<KV> kv = unit_stride_kv({{k_in, v_in}});
+  const at::Tensor q = unit_stride_d(q_in);
+  check_same_dtype(q, kv);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto [out, lse] = attention_forward(q, kv, scale);
+  at::Tensor saliency = sal_count > 0 ? saliency_of(q, kv[0].k, lse, scale, sal_start, sal_count, sal_cols)
+                                      : at::empty({0}, q.options().dtype(at::kFloat));
+  return {out, lse, saliency};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prompt_attention_bwd_cuda(const at::Tensor& grad_out,
+                                                                         const at::Tensor& q_in, const at::Tensor& k_in,
+                                                                         const at::Tensor& v_in, const at::Tensor& out,
+                                                                         const at::Tensor& lse, double scale) {
+  check_attention(q_in, k_in, v_in);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  auto [dq, dkv] = attention_backward(grad_out, unit_stride_d(q_in), unit_stride_kv({{k_in, v_in}}), out, lse, scale);
+  return {dq, dkv[0].k, dkv[0].v};
+}
+
+std::tuple<at::Tensor, at::Tensor> prompt_kv_attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k,
+                                                                const at::Tensor& v, const at::Tensor& prompt_k,
+                                                                const at::Tensor& prompt_v, double scale) {
+  check_kv_attention(q_in, k, v, prompt_k, prompt_v);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  return attention_forward(unit_stride_d(q_in), unit_stride_kv({{prompt_k, prompt_v}, {k, v}}), scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prompt_kv_attention_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& prompt_k, const at::Tensor& prompt_v, const at::Tensor& out, const at::Tensor& lse,
+    double scale) {
+  check_kv_attention(q, k, v, prompt_k, prompt_v);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto [dq, dkv] =
+      attention_backward(grad_out, unit_stride_d(q), unit_stride_kv({{prompt_k, prompt_v}, {k, v}}), out, lse, scale);
+  return {dq, dkv[1].k, dkv[1].v, dkv[0].k, dkv[0].v};
 }
 
 }  // namespace svpt

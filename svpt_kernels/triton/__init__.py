@@ -22,8 +22,11 @@ __all__ = ["AUTO_DEVICE_TYPES", "FAST_PATHS", "ae_update", "da_mix", "folded_cro
 AUTO_DEVICE_TYPES = ("cuda",)
 # The fast paths the methods use on this backend (see svpt.backends). The CVPT fold
 # (folded_cross_attention) is implemented and tested but not listed: on an H200 its training
-# step was slower than CVPT's plain path (M=10: 51.4 vs 48.7 ms; M=50: 82.2 vs 47.1 ms;
-# benchmarks/results/cvpt_fold_variants_h200.txt), so "auto" keeps the plain path.
+# step did not beat CVPT's plain path reliably. M=10, x the no-prompt floor, fold vs plain:
+# 1.42 vs 1.35 before the kernel tuning; after it, 1.064 vs 1.096 in one run
+# (benchmarks/results/cvpt_fold_variants_h200.txt) but 1.32 vs 1.25 in another
+# (benchmarks/results/fast_path_step_h200.txt, with the fold forced on), and per call its
+# forward + backward costs 1.29 ms against 0.59 ms for the two projections it replaces.
 FAST_PATHS = ("prompt_kv_attention",)
 
 

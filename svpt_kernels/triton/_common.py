@@ -1,7 +1,9 @@
 """What the Triton op modules share: interpreter detection, op registration, dtypes."""
 from __future__ import annotations
 
+import functools
 import os
+import threading
 from typing import Callable
 
 import torch
@@ -17,25 +19,48 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 USE_TRITON_OP = (hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
                  and not INTERPRET)
 
+# Set while define_op's eager path runs an op body (thread-local: autograd's device threads).
+_eager = threading.local()
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-def define_op(name: str, fake: Callable) -> Callable[[Callable], object]:
-    """Decorator registering ``fn`` as the torch.library op ``svpt::name``."""
+def define_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
+    """Decorator registering ``fn`` as the torch.library op ``svpt::name``; returns a callable
+    that runs the registered op when torch.compile/export trace it (or when given tensor
+    subclasses: fake, functional), and ``fn`` itself in plain eager mode. The custom-op
+    dispatch costs ~0.3 ms of host time per call (torch 2.11, H200 host:
+    benchmarks/results/profile_step_h200.txt), which made the eager training step host-bound."""
     def wrap(fn):
         if USE_TRITON_OP:
-            return torch.library.triton_op(f"svpt::{name}", fn, mutates_args=())
-        op = torch.library.custom_op(f"svpt::{name}", fn, mutates_args=())
-        op.register_fake(fake)
-        return op
+            op = torch.library.triton_op(f"svpt::{name}", fn, mutates_args=())
+        else:
+            op = torch.library.custom_op(f"svpt::{name}", fn, mutates_args=())
+            op.register_fake(fake)
+
+        @functools.wraps(fn)
+        def call(*args):
+            if torch.compiler.is_compiling() or not all(
+                    type(a) in _PLAIN_TENSORS for a in args if isinstance(a, torch.Tensor)):
+                return op(*args)
+            previous, _eager.direct = getattr(_eager, "direct", False), True
+            try:
+                return fn(*args)
+            finally:
+                _eager.direct = previous
+        call.op = op
+        return call
     return wrap
 
 
 def launch(kernel):
-    """The kernel as called inside an op body (wrapped so torch.compile can trace it)."""
-    return torch.library.wrap_triton(kernel) if USE_TRITON_OP else kernel
+    """The kernel as called inside an op body: wrapped so torch.compile can trace it, except
+    when ``define_op``'s eager path runs the body on real tensors (no tracing to serve)."""
+    return torch.library.wrap_triton(kernel) if USE_TRITON_OP and not getattr(_eager, "direct", False) else kernel
 
 
 def next_pow2(n: int) -> int:

@@ -15,11 +15,20 @@ see prompt_kv_attention.py); here it is empty.
 Any T (rows and columns are masked), head dims up to 256 (padded to a power of two with
 masked loads), fp32 inputs use full-fp32 products (``input_precision="ieee"``), and fp16/bf16
 probabilities are cast explicitly to the value dtype before the products that use them.
+
+Without saliency in fp16/bf16 on a GPU there is nothing to fuse, and PyTorch's own flash
+attention (SDPA; cuDNN on Hopper) is faster than these kernels (CVPT M=10 training step on an
+H200: 39.7 -> 38.4 ms of GPU kernel time per step, benchmarks/results/profile_step_h200*.txt), so
+that case goes to SDPA. With saliency the kernels stay: SDPA plus a separate pass over the
+saliency rows made the SVPT M=50 step slower (45.2 ms of kernel time against 42.6, from extra
+layout copies) and less exact in fp16. Not with batch-1 k/v either (CVPT's prompts): SDPA would
+need them expanded, and autograd would then sum their per-sample gradients in fp16/bf16 where
+the kernels sum fp32 ones.
 """
 from typing import Tuple
 
-
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -427,10 +436,19 @@ def _check(q, k, v, saliency_rows, saliency_cols):
                              f"out of range for Tq={tq}, Tk={k.shape[1]}")
 
 
+def _sdpa(q, k, v, scale):
+    """Plain attention through PyTorch's SDPA (layout [B, H, T, D] views); no saliency."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2), None
+
+
 def prompt_attention(q, k, v, scale, saliency_rows=None, saliency_cols=0):
     """Triton prompt_attention; same contract as :func:`svpt.ops.prompt_attention`."""
     _check(q, k, v, saliency_rows, saliency_cols)
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    if (saliency_rows is None and dtype in (torch.float16, torch.bfloat16) and k.shape[0] == q.shape[0]
+            and q.is_cuda and not _common.INTERPRET):
+        return _sdpa(*(t.to(dtype) for t in (q, k, v)), float(scale))
     if dtype not in _common.KERNEL_DTYPES:
         from svpt import reference  # float64 and others: the kernels are written for fp32/fp16/bf16
         return reference.prompt_attention(q, k, v, scale, saliency_rows, saliency_cols)

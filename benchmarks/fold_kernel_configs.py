@@ -1,0 +1,66 @@
+"""Block sizes of the Triton folded cross-attention kernels (CVPT's fold), swept at ViT-B/16
+shapes: rows 128*197, d 768, 12 heads, M 10, fp32 residual stream with bf16 autocast, residual
+= x (as CVPT calls it). Prints forward and backward times per configuration next to a copy of
+x (the memory floor of reading x and writing out) and the two d x d projections it replaces.
+
+    PYTHONPATH=. python benchmarks/fold_kernel_configs.py
+"""
+import importlib
+import itertools
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fast_path_step import timed  # noqa: E402
+
+fca = importlib.import_module("svpt_kernels.triton.folded_cross_attention")
+
+ROWS, WIDTH, HEADS, PROMPTS = 128 * 197, 768, 12, 10
+
+
+def bench(fn, iters=30) -> float:
+    for _ in range(3):
+        fn()
+    return statistics.median(timed(fn) for _ in range(iters))
+
+
+def main() -> None:
+    x = torch.randn(ROWS, WIDTH, device="cuda")
+    wl = 0.05 * torch.randn(HEADS, PROMPTS, WIDTH, device="cuda", dtype=torch.bfloat16)
+    wv = 0.05 * torch.randn(HEADS, PROMPTS, WIDTH, device="cuda", dtype=torch.bfloat16)
+    bl = torch.randn(HEADS, PROMPTS, device="cuda")
+    bias = torch.randn(WIDTH, device="cuda")
+    grad = torch.randn(ROWS, WIDTH, device="cuda")
+    w = torch.randn(WIDTH, WIDTH, device="cuda", dtype=torch.bfloat16) / WIDTH ** 0.5
+    print(f"copy of x (fp32 read + write)      {bench(lambda: x.clone()):.3f} ms")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        print(f"two d x d linears + residual (fwd) {bench(lambda: x + F.linear(F.linear(x, w), w)):.3f} ms")
+    default = fca._config
+    fwd = lambda: fca._folded_ca_op(x, wl, bl, wv, bias, None, True)  # noqa: E731
+    bwd = lambda: fca._folded_ca_backward_op(grad, x, wl, bl, wv, True, True)  # noqa: E731
+    print(f"default: fwd {bench(fwd):.3f} ms  bwd {bench(bwd):.3f} ms")
+    results = []
+    for backward, (rows, warps, chunk, stages) in itertools.product(
+            (False, True), itertools.product((16, 32, 64, 128), (4, 8), (32, 64, 128), (1, 2, 3))):
+        cfg = dict(BLOCK_R=rows, BLOCK_K=chunk, BLOCK_D=chunk, num_warps=warps, num_stages=stages)
+        fca._config = lambda hm_pad, dtype, bw, cfg=cfg, default=default: cfg if bw == backward else default(hm_pad, dtype, bw)
+        try:
+            ms = bench(bwd if backward else fwd, iters=15)
+        except Exception as exc:  # out of shared memory / registers for this tile
+            ms = float("nan")
+            print(f"  {'bwd' if backward else 'fwd'} {cfg}: {type(exc).__name__}")
+        results.append(("bwd" if backward else "fwd", ms, cfg))
+    fca._config = default
+    for pass_ in ("fwd", "bwd"):
+        best = sorted((r for r in results if r[0] == pass_ and r[1] == r[1]), key=lambda r: r[1])[:6]
+        for _, ms, cfg in best:
+            print(f"{pass_} {ms:.3f} ms  {cfg}")
+
+
+if __name__ == "__main__":
+    main()
