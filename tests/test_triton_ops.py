@@ -238,6 +238,35 @@ def test_ae_update_mixed_dtypes_promote_like_the_reference():
 
 
 # ------------------------------------------------------------------ backend selection
+# ------------------------------------------------------------------ what backward keeps
+def saved_numel(fn) -> int:
+    """Elements of the tensors ``fn``'s autograd graph keeps for backward."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(sizes)
+
+
+def test_da_mix_keeps_only_the_prompt_rows_for_backward():
+    """The input sequence is the previous block's output, which nothing else keeps: saving it
+    whole cost ~1 GB at ViT-B/16, batch 128 (benchmarks/results/bench_h200.md)."""
+    tokens, prompts, weight, bias = (t.float().to(DEVICE).requires_grad_() for t in da_mix_inputs(3, 30, 32, 1, 4, 0.0, 5))
+    saved = saved_numel(lambda: triton_backend.da_mix(tokens, prompts, weight, bias, 1))
+    assert saved <= 3 * 4 * 32 + prompts.numel() + weight.numel() + 1
+
+
+def test_ae_update_keeps_no_sequence_for_backward():
+    tokens, attn_out, saliency, scale = ae_inputs(2, 1 + 5 + 16, 32, 16, seed=3)
+    leaves_ = [t.float().to(DEVICE).requires_grad_() for t in (tokens, attn_out, scale)]
+    saved = saved_numel(lambda: triton_backend.ae_update(leaves_[0], leaves_[1], saliency.float().to(DEVICE),
+                                                         leaves_[2], 1, 5, 4))
+    assert saved <= 2 * 32 + 2 * 4 + 1  # mean(h_prompt), the top-k indices, the scale
+
+
 def test_why_unusable_reports_devices():
     assert triton_backend.AUTO_DEVICE_TYPES == ("cuda",)
     assert triton_backend.why_unusable(None) is None  # interpreter here, or a GPU

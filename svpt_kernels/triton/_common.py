@@ -33,8 +33,8 @@ def define_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
     """Decorator registering ``fn`` as the torch.library op ``svpt::name``; returns a callable
     that runs the registered op when torch.compile/export trace it (or when given tensor
     subclasses: fake, functional), and ``fn`` itself in plain eager mode. The custom-op
-    dispatch costs ~0.3 ms of host time per call (torch 2.11, H200 host:
-    benchmarks/results/profile_step_h200.txt), which made the eager training step host-bound."""
+    dispatch cost ~0.35 ms of host time per call (torch 2.11, H200 host; 23 ms of an SVPT step:
+    benchmarks/results/host_cprofile_h200_before.txt, gone in host_cprofile_h200.txt)."""
     def wrap(fn):
         if USE_TRITON_OP:
             op = torch.library.triton_op(f"svpt::{name}", fn, mutates_args=())

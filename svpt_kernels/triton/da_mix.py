@@ -3,7 +3,7 @@
 One pass over the token rows writes the output sequence: prompt rows get
 ``g * P_out + (1 - g) * P`` with ``g = sigmoid(P_out . w0 + P . w1 + b)``, the other rows
 are copied, so there is no ``torch.cat`` of the sequence and no gate tensor in memory.
-The backward recomputes the gate from the saved inputs.
+The backward recomputes the gate from the saved prompt rows, prompts and gate parameters.
 """
 from typing import Tuple
 
@@ -47,9 +47,9 @@ def _da_mix_fwd_kernel(TOK, PROMPT, W, BIAS, OUT, T, d, num_prefix, M,
 
 
 @triton.jit
-def _da_mix_bwd_kernel(GRAD_OUT, TOK, PROMPT, W, BIAS, GRAD_TOK, GRAD_PROMPT_ROWS, GRAD_LOGIT,
+def _da_mix_bwd_kernel(GRAD_OUT, PREV, PROMPT, W, BIAS, GRAD_TOK, GRAD_PROMPT_ROWS, GRAD_LOGIT,
                        T, d, num_prefix, M,
-                       stride_gb, stride_gt, stride_tb, stride_tt, stride_pb, stride_pm,
+                       stride_gb, stride_gt, stride_vb, stride_vm, stride_pb, stride_pm,
                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -63,7 +63,7 @@ def _da_mix_bwd_kernel(GRAD_OUT, TOK, PROMPT, W, BIAS, GRAD_TOK, GRAD_PROMPT_ROW
     prompt_ok = is_prompt[:, None] & col_ok[None, :]
     go = tl.load(GRAD_OUT + b * stride_gb + rows[:, None] * stride_gt + cols[None, :], mask=tile_ok,
                  other=0.0).to(tl.float32)
-    x = tl.load(TOK + b * stride_tb + rows[:, None] * stride_tt + cols[None, :], mask=prompt_ok,
+    x = tl.load(PREV + b * stride_vb + m[:, None] * stride_vm + cols[None, :], mask=prompt_ok,
                 other=0.0).to(tl.float32)
     p = tl.load(PROMPT + b * stride_pb + m[:, None] * stride_pm + cols[None, :], mask=prompt_ok,
                 other=0.0).to(tl.float32)
@@ -75,7 +75,7 @@ def _da_mix_bwd_kernel(GRAD_OUT, TOK, PROMPT, W, BIAS, GRAD_TOK, GRAD_PROMPT_ROW
     # dL/dlogit = (go . (P_out - P)) * g (1 - g)
     grad_logit = tl.sum(go * (x - p), axis=1) * gate * (1.0 - gate)
     grad_x = tl.where(is_prompt[:, None], gate[:, None] * go + grad_logit[:, None] * w0[None, :], go)
-    tl.store(GRAD_TOK + b * stride_tb + rows[:, None] * stride_tt + cols[None, :],
+    tl.store(GRAD_TOK + b * stride_gb + rows[:, None] * stride_gt + cols[None, :],
              grad_x.to(GRAD_TOK.dtype.element_ty), mask=tile_ok)
     grad_p = (1.0 - gate[:, None]) * go + grad_logit[:, None] * w1[None, :]
     # Per-sample rows, summed over a broadcast prompt batch afterwards: deterministic, no atomics.
@@ -125,30 +125,30 @@ def _da_mix_op(tokens: torch.Tensor, prompts: torch.Tensor, weight: torch.Tensor
     return out
 
 
-def _da_mix_backward_fake(grad_out, tokens, prompts, weight, bias, num_prefix):
-    return (torch.empty_like(tokens), torch.empty_like(prompts), torch.empty_like(weight),
-            torch.empty_like(bias))
+def _da_mix_backward_fake(grad_out, prev, prompts, weight, bias, num_prefix):
+    return (torch.empty_like(grad_out, memory_format=torch.contiguous_format), torch.empty_like(prompts),
+            torch.empty_like(weight), torch.empty_like(bias))
 
 
 @define_op("da_mix_backward", _da_mix_backward_fake)
-def _da_mix_backward_op(grad_out: torch.Tensor, tokens: torch.Tensor, prompts: torch.Tensor,
+def _da_mix_backward_op(grad_out: torch.Tensor, prev: torch.Tensor, prompts: torch.Tensor,
                         weight: torch.Tensor, bias: torch.Tensor,
                         num_prefix: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch, length, width = tokens.shape
+    # prev: the input's prompt rows P_out [B, M, d]; dL/dtokens comes out in grad_out's dtype.
+    batch, length, width = grad_out.shape
     num_prompts = prompts.shape[1]
     grad_out = grad_out.contiguous()
-    grad_tokens = torch.empty_like(tokens)
-    grad_prompt_rows = torch.empty((batch, num_prompts, width), dtype=torch.float32, device=tokens.device)
-    grad_logit = torch.empty((batch, num_prompts), dtype=torch.float32, device=tokens.device)
+    grad_tokens = torch.empty_like(grad_out)
+    grad_prompt_rows = torch.empty((batch, num_prompts, width), dtype=torch.float32, device=grad_out.device)
+    grad_logit = torch.empty((batch, num_prompts), dtype=torch.float32, device=grad_out.device)
     block_t, block_d, warps = _blocks(width)
     grid = (triton.cdiv(length, block_t), batch)
     launch(_da_mix_bwd_kernel)[grid](
-        grad_out, tokens, prompts, weight, bias, grad_tokens, grad_prompt_rows, grad_logit,
+        grad_out, prev, prompts, weight, bias, grad_tokens, grad_prompt_rows, grad_logit,
         length, width, num_prefix, num_prompts, grad_out.stride(0), grad_out.stride(1),
-        tokens.stride(0), tokens.stride(1), prompts.stride(0) if prompts.shape[0] > 1 else 0,
+        prev.stride(0), prev.stride(1), prompts.stride(0) if prompts.shape[0] > 1 else 0,
         prompts.stride(1), BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps)
-    prev = tokens[:, num_prefix:num_prefix + num_prompts].float()
-    grad_w0 = (grad_logit.unsqueeze(-1) * prev).sum(dim=(0, 1))
+    grad_w0 = (grad_logit.unsqueeze(-1) * prev.float()).sum(dim=(0, 1))
     if prompts.shape[0] == 1:
         grad_prompts = grad_prompt_rows.sum(dim=0, keepdim=True)
         grad_w1 = (grad_logit.sum(0).unsqueeze(-1) * prompts[0].float()).sum(dim=0)
@@ -162,18 +162,22 @@ def _da_mix_backward_op(grad_out: torch.Tensor, tokens: torch.Tensor, prompts: t
 
 class DaMixFunction(torch.autograd.Function):
     """Autograd of da_mix over the ops ``svpt::da_mix`` and ``svpt::da_mix_backward`` (both
-    traceable by torch.compile). Saves only the inputs; the gate is recomputed."""
+    traceable by torch.compile). Saves the prompts, the gate's parameters and only the prompt
+    rows P_out of the input (not the whole [B, T, d] sequence, which nothing else keeps: the
+    previous block's output); the gate is recomputed."""
 
     @staticmethod
     def forward(ctx, tokens, prompts, weight, bias, num_prefix):
-        ctx.save_for_backward(tokens, prompts, weight, bias)
-        ctx.num_prefix = num_prefix
+        prev = tokens[:, num_prefix:num_prefix + prompts.shape[1]].contiguous()
+        ctx.save_for_backward(prev, prompts, weight, bias)
+        ctx.num_prefix, ctx.tokens_dtype = num_prefix, tokens.dtype
         return _da_mix_op(tokens, prompts, weight, bias, num_prefix)
 
     @staticmethod
     def backward(ctx, grad_out):
-        tokens, prompts, weight, bias = ctx.saved_tensors
-        grads = _da_mix_backward_op(grad_out, tokens, prompts, weight, bias, ctx.num_prefix)
+        prev, prompts, weight, bias = ctx.saved_tensors
+        grads = _da_mix_backward_op(grad_out, prev, prompts, weight, bias, ctx.num_prefix)
+        grads = (grads[0].to(ctx.tokens_dtype), *grads[1:])
         return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None)
 
 
