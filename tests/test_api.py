@@ -290,3 +290,13 @@ def test_env_variable_selects_and_validates_the_backend():
     env["SVPT_BACKEND"] = "fastest"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "SVPT_BACKEND= 'fastest' is not an svpt backend" in out.stderr
+
+
+def test_every_backend_implements_every_op():
+    """svpt.ops dispatches by name to the selected backend's module, with no fallback."""
+    from svpt import backends, ops
+    op_names = [name for name in ops.__all__ if name != "fast_path"]
+    for name, entry in backends._REGISTRY.items():  # noqa: SLF001
+        module = entry.load()
+        missing = [op for op in op_names if not callable(getattr(module, op, None))]
+        assert not missing, f"backend {name!r} lacks {missing}"

@@ -17,7 +17,7 @@ properties on the GPU at M up to 128 and in bf16.
 Run size: the hypothesis profile ``SVPT_HYPOTHESIS_PROFILE`` (``ci``, the default: few examples,
 derandomized so every run checks the same cases; ``long``: many random examples; ``dev``: one
 example per test). A backend that is registered but not usable here makes its rows fail with the
-backend's own reason; an op a backend does not implement is an explicit, strict xfail.
+backend's own reason.
 """
 from __future__ import annotations
 
@@ -67,25 +67,15 @@ LOW_PRECISION_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 2.0 ** -8}
 OPS = ["da_mix", "prompt_attention", "ae_update", "prompt_kv_attention", "folded_cross_attention"]
 
 
-def backend_module(name: str):
-    """The backend's module, or a failure that quotes the backend's own reason."""
+def require_usable(name: str) -> None:
+    """Fail, quoting the backend's own reason, unless it is usable here."""
     reason = backends._REGISTRY[name].why_unusable(DEVICE)  # noqa: SLF001
     if reason is not None:
         pytest.fail(f"backend {name!r} is registered but not usable on CPU: {reason}")
-    return backends._REGISTRY[name].load()  # noqa: SLF001
 
 
 def op_rows():
-    rows = []
-    for name in BACKENDS:
-        for op in OPS:
-            module = backends._REGISTRY[name].load()  # noqa: SLF001
-            marks = []
-            if module is not None and not hasattr(module, op):
-                marks = [pytest.mark.xfail(raises=NotImplementedError, strict=True,
-                                           reason=f"backend {name!r} does not implement svpt.ops.{op} (yet)")]
-            rows.append(pytest.param(name, op, marks=marks, id=f"{name}-{op}"))
-    return rows
+    return [pytest.param(name, op, id=f"{name}-{op}") for name in BACKENDS for op in OPS]
 
 
 # What tests/gpu/test_properties_gpu.py changes to run the same properties on a GPU.
@@ -341,10 +331,7 @@ DEFAULT_BUDGET = 60
 # ---------------------------------------------------------------- op properties
 @pytest.mark.parametrize("name,op", op_rows())
 def test_op_matches_eager_float64(name, op):
-    module = backend_module(name)
-    if not hasattr(module, op):  # the strict xfail of op_rows: the error users get, without hypothesis
-        with svpt.backend(name):
-            ops._impl(op, DEVICE)  # noqa: SLF001
+    require_usable(name)
     budget = BUDGET.get(name, {}).get(op, DEFAULT_BUDGET)
 
     @examples(budget)
@@ -446,7 +433,7 @@ MODEL_BUDGET = {"triton": 15}
 @pytest.mark.filterwarnings("ignore:svpt vpt-deep. the prompt_kv_attention fast path does not apply")
 @pytest.mark.parametrize("name", BACKENDS)
 def test_model_matches_eager_float64(name):
-    backend_module(name)
+    require_usable(name)
 
     @examples(MODEL_BUDGET.get(name, 40))
     @given(case=model_case(name))
