@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import svpt  # noqa: E402
 from baselines import NoPromptFloor  # noqa: E402
+from fast_path_step import vit  # noqa: E402
 
 
 def saved_bytes(model, images) -> int:
@@ -40,11 +41,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=50)
     args = parser.parse_args()
-    import timm
-
-    def vit():
-        torch.manual_seed(0)
-        return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100)
     images = torch.randn(args.batch, 3, 224, 224)
     rows = [("floor (no prompts)", lambda: NoPromptFloor(vit()), "eager"),
             (f"svpt M={args.prompts} fused (triton)", lambda: svpt.prompt(vit(), "svpt", args.prompts), "triton"),
