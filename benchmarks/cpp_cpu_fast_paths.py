@@ -33,6 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import svpt  # noqa: E402
 from svpt.methods.base import insert_prompts  # noqa: E402
+from svpt.methods.cvpt import folded_weights  # noqa: E402
 from svpt_kernels import cpp  # noqa: E402
 
 FAST_OP = {"vpt-deep": "prompt_kv_attention", "cvpt": "folded_cross_attention"}
@@ -85,8 +86,11 @@ def make_block(model: torch.nn.Module, method: str, batch: int):
     def fn(fast: bool) -> None:
         if method == "vpt-deep" and fast:
             out = prompter.kv_only_block(1, blk, x.requires_grad_())
-        else:  # VPT-deep's plain block sees the prompt rows; CVPT's block chooses by fast_paths
-            out = prompter.block(1, blk, (with_prompts if method == "vpt-deep" else x).requires_grad_())
+        elif method == "vpt-deep":  # the plain block sees the prompt rows
+            out = prompter.block(1, blk, with_prompts.requires_grad_())
+        else:  # CVPT folds every block's prompts once per step, then runs block 1 with them
+            folded = folded_weights(model.blocks, prompter.prompts) if fast else None
+            out = prompter.block(1, blk, x.requires_grad_(), folded=folded)
         out.sum().backward()
     return fn
 

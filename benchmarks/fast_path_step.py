@@ -8,11 +8,8 @@ tokens), VPT-deep M=50 and CVPT M=10 on the Triton backend with their fast paths
 two with the fast paths off (the plain path, for scale). Same process, same images; each row:
 warm-up steps, then CUDA-event timing of single steps, median reported; the rows are measured
 in interleaved rounds so that clock drift hits all alike. The target: each fast path within
-1.10x of the floor. (The Triton backend lists only the fast paths that measured faster than the
-plain path in its FAST_PATHS: today VPT-deep's, not CVPT's fold; see
-benchmarks/results/cvpt_fold_variants_h200.txt.) Then a breakdown at the same shapes (per call, fwd + bwd, 12 of each per
-step): timm's attention (SDPA) vs svpt's Triton attention without and with the prompt segment,
-and the folded cross-attention op. Writes JSON to the given path and the table next to it (.txt).
+1.10x of the floor. Writes JSON to the given path and the table next to it (.txt). Where the
+time goes, kernel by kind: benchmarks/profile_step.py.
 """
 from __future__ import annotations
 
@@ -109,65 +106,6 @@ def measure_steps(args) -> list[dict]:
     return out
 
 
-def fwd_bwd_ms(fn, inputs, iters: int) -> float:
-    """Median time of ``fn(*inputs)`` forward + backward with a fixed cotangent."""
-    out = fn(*inputs)
-    grad = torch.randn_like(out)
-
-    def once():
-        torch.autograd.grad(fn(*inputs), [t for t in inputs if t.requires_grad], grad)
-    for _ in range(3):
-        once()
-    return statistics.median(timed(once) for _ in range(iters))
-
-
-def breakdown(args) -> dict:
-    """Per call, fwd + bwd, bf16, at the benchmark's shapes: where the fast paths' extra time goes."""
-    from svpt_kernels import triton as tri
-    model = vit()
-    b, t, m = args.batch, model.patch_embed.num_patches + model.num_prefix_tokens, args.vpt_prompts
-    h, d = model.blocks[0].attn.num_heads, model.blocks[0].attn.head_dim
-    bf16 = dict(device="cuda", dtype=torch.bfloat16)
-    qkv = torch.randn(b, t, 3, h, d, **bf16).requires_grad_()
-    pkv = torch.randn(1, m, 2, h, d, **bf16).requires_grad_()
-    scale = d ** -0.5
-
-    def sdpa(qkv):
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-
-    def triton_attention(qkv):
-        return tri.prompt_attention(*qkv.unbind(2), scale)[0]
-
-    def triton_kv(qkv, pkv):
-        return tri.prompt_kv_attention(*qkv.unbind(2), *pkv.unbind(2), scale)
-
-    width, mc = h * d, args.cvpt_prompts
-    x = torch.randn(b, t, width, device="cuda", requires_grad=True)  # the fp32 residual stream
-    w_logits = (0.05 * torch.randn(h, mc, width, device="cuda")).requires_grad_()
-    w_values = (0.05 * torch.randn(h, mc, width, device="cuda")).requires_grad_()
-    b_logits = torch.randn(h, mc, device="cuda", requires_grad=True)
-    bias = torch.randn(width, device="cuda")
-
-    def folded(x, w_logits, b_logits, w_values):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return tri.folded_cross_attention(x, w_logits, b_logits, w_values, bias, x)
-
-    def linear_pair(x):  # what the fold replaces per token: q projection + output projection
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return x + F.linear(F.linear(x, w_q), w_q)
-    w_q = torch.randn(width, width, device="cuda") / width ** 0.5
-
-    n = args.iters
-    return {
-        f"sdpa_attention_T{t}_ms": fwd_bwd_ms(sdpa, [qkv], n),
-        f"triton_prompt_attention_T{t}_ms": fwd_bwd_ms(triton_attention, [qkv], n),
-        f"triton_prompt_kv_attention_T{t}_M{m}_ms": fwd_bwd_ms(triton_kv, [qkv, pkv], n),
-        f"folded_cross_attention_M{mc}_with_residual_ms": fwd_bwd_ms(folded, [x, w_logits, b_logits, w_values], n),
-        "two_dxd_linears_with_residual_ms (plain CA's projections, for scale)": fwd_bwd_ms(linear_pair, [x], n),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", type=Path, help="JSON file to write (the table goes next to it, .txt)")
@@ -185,14 +123,13 @@ def main() -> None:
     floor = rows[0]["median_ms"]
     for row in rows:
         row["ratio_to_floor"] = row["median_ms"] / floor
-    parts = breakdown(args)
     result = {
         "benchmark": "training step (forward + backward + AdamW), bf16 autocast, vs the no-prompt floor",
         "model": f"{args.model} (random init)", "batch": args.batch, "target_ratio": TARGET,
         "command": " ".join(["PYTHONPATH=. python", *sys.argv]),
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "triton": __import__("triton").__version__, "timm": __import__("timm").__version__,
-        "python": platform.python_version(), "results": rows, "breakdown_fwd_bwd_per_call": parts,
+        "python": platform.python_version(), "results": rows,
     }
     lines = [f"$ {result['command']}",
              f"# {result['device']}, torch {result['torch']}, triton {result['triton']}, timm {result['timm']}; "
@@ -203,8 +140,6 @@ def main() -> None:
             "met" if row["ratio_to_floor"] <= TARGET else f"MISSED by {100 * (row['ratio_to_floor'] - TARGET):.1f} pts")
         lines.append(f"{row['name']:<24} {row['median_ms']:>10.2f} {row['ratio_to_floor']:>8.3f} "
                      f"{row['images_per_s']:>8.0f} {row['peak_memory_gib']:>9.2f}  {verdict}")
-    lines += ["", "breakdown, bf16, per call (12 per step), forward + backward, ms:"]
-    lines += [f"  {name:<62} {ms:8.3f}" for name, ms in parts.items()]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     args.output.with_suffix(".txt").write_text("\n".join(lines) + "\n")

@@ -48,7 +48,7 @@ def main() -> None:
     for backward, (rows, warps, chunk, stages) in itertools.product(
             (False, True), itertools.product((16, 32, 64, 128), (4, 8), (32, 64, 128), (1, 2, 3))):
         cfg = dict(BLOCK_R=rows, BLOCK_K=chunk, BLOCK_D=chunk, num_warps=warps, num_stages=stages)
-        fca._config = lambda hm_pad, dtype, bw, cfg=cfg, default=default: cfg if bw == backward else default(hm_pad, dtype, bw)
+        fca._config = lambda dtype, bw, cfg=cfg, default=default: cfg if bw == backward else default(dtype, bw)
         try:
             ms = bench(bwd if backward else fwd, iters=15)
         except Exception as exc:  # out of shared memory / registers for this tile

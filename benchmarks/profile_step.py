@@ -1,7 +1,7 @@
 """Where a training step's time goes: wall time, host time and GPU kernel time per step, and
 the kernels grouped by kind (torch.profiler), for the configurations named on the command line.
 
-    PYTHONPATH=. python benchmarks/profile_step.py floor cvpt10 vpt-deep50 svpt50 svpt50-eager plain-svpt50 \
+    PYTHONPATH=. python benchmarks/profile_step.py floor cvpt10 cvpt10-plain vpt-deep50 svpt50 svpt50-eager plain-svpt50 \
         --out benchmarks/results/profile_step_h200.txt
 
 ViT-B/16 (random init), batch 128, bf16 autocast, forward + backward + AdamW, as
@@ -31,7 +31,8 @@ from fast_path_step import make_step, timed, vit  # noqa: E402
 # name -> (model factory, svpt backend, fast paths on)
 CONFIGS = {
     "floor": (lambda: NoPromptFloor(vit()), "eager", True),
-    "cvpt10": (lambda: svpt.prompt(vit(), "cvpt", 10), "triton", False),
+    "cvpt10": (lambda: svpt.prompt(vit(), "cvpt", 10), "triton", True),
+    "cvpt10-plain": (lambda: svpt.prompt(vit(), "cvpt", 10), "triton", False),
     "vpt-deep50": (lambda: svpt.prompt(vit(), "vpt-deep", 50), "triton", True),
     "svpt50": (lambda: svpt.prompt(vit(), "svpt", 50), "triton", True),
     "svpt50-eager": (lambda: svpt.prompt(vit(), "svpt", 50), "eager", True),

@@ -18,22 +18,25 @@ export GPU_TESTS="python -m pytest -m gpu -q -p no:cacheprovider"
 GPUS=$(nvidia-smi -L | wc -l)
 CORES=$(nproc)
 
-lane0() {  # the C++ extension, the eager-mode rows, op rows and sweeps, then the C++ GPU tests and the long property run
+lane0() {  # the C++ extension, the eager-mode rows, op rows and sweeps, then the C++ GPU tests
     SVPT_BUILD_EXT=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 python setup.py -q build_ext --inplace > "$OUT/build_ext.log" 2>&1
+    touch "$OUT/.ext_built"
     $BENCH -k "not compiled" --benchmark-json="$OUT/bench_eager_mode.json"
     $GPU_TESTS tests/gpu/test_cpp_gpu.py 2>&1 | tail -n 40 > "$OUT/cpp_gpu_tests.txt"
-    SVPT_GPU_EXAMPLES=${SVPT_GPU_EXAMPLES:-300} timeout $((START + ${DEADLINE:-540} - $(date +%s))) \
-        python -m pytest tests/gpu/test_properties_gpu.py -m gpu -v -p no:cacheprovider > "$OUT/properties_gpu_h200.txt" 2>&1
 }
-lane1() {  # compiled rows at M=50 with the target rows of the same run, then the Triton GPU tests
+lane1() {  # compiled rows at M=50 with the target rows of the same run, the Triton GPU tests, then
+    # the long property run (4 pytest workers on this lane's GPU; its C++ rows need lane 0's build)
     $BENCH benchmarks/test_train_step.py -k "(compiled and M50) or floor or svpt-eager-M50 or svpt-triton-M50" \
         --benchmark-json="$OUT/bench_m50_targets.json"
     $GPU_TESTS tests/gpu/test_triton_gpu.py tests/gpu/test_fast_paths_gpu.py 2>&1 | tail -n 40 > "$OUT/triton_gpu_tests.txt"
+    while [ ! -e "$OUT/.ext_built" ]; do sleep 5; done
+    SVPT_GPU_EXAMPLES=${SVPT_GPU_EXAMPLES:-300} timeout $((START + ${DEADLINE:-540} - $(date +%s))) \
+        python -m pytest tests/gpu/test_properties_gpu.py -m gpu -v -p no:cacheprovider -n 4 > "$OUT/properties_gpu_h200.txt" 2>&1
 }
 lane2() {  # compiled rows at M=10, the fast-path ratios and the step profiles
     $BENCH benchmarks/test_train_step.py -k "compiled and M10" --benchmark-json="$OUT/bench_m10_compiled.json"
     python benchmarks/fast_path_step.py "$OUT/fast_path_step_h200.json"
-    python benchmarks/profile_step.py floor cvpt10 vpt-deep50 svpt50 svpt50-eager plain-svpt50 --out "$OUT/profile_step_h200.txt"
+    python benchmarks/profile_step.py floor cvpt10 cvpt10-plain vpt-deep50 svpt50 svpt50-eager plain-svpt50 --out "$OUT/profile_step_h200.txt"
     python benchmarks/host_cprofile.py > "$OUT/host_cprofile_h200.txt" 2>&1
 }
 lane3() {  # the 5-minute soak, then the CVPT fold variants

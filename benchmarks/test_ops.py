@@ -3,6 +3,10 @@
 
 CUDA: ViT-B/16 block shapes (B 128, T = 1 + 50 + 196, 12 heads of 64), bf16 activations
 with the fp32 residual stream, as under autocast. CPU: B 8, T = 1 + 10 + 16, 3 heads, fp32.
+The fast-path ops at their methods' shapes: prompt_kv_attention (VPT-deep) with the 1 + N
+image tokens' queries and an M-prompt key/value segment shared by the batch;
+folded_cross_attention (CVPT) at M = 10 on the fp32 residual stream under autocast, its
+residual the input itself, as CVPT calls it.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from harness import CUDA, SETTING
 
 B, M, N, H, D = (128, 50, 196, 12, 64) if CUDA else (8, 10, 16, 3, 64)
 NUM_PREFIX, WIDTH = 1, H * D
+CVPT_M = 10
 T = NUM_PREFIX + M + N
 LOW = torch.bfloat16 if CUDA else torch.float32  # dtype of activations under autocast
 
@@ -29,6 +34,13 @@ def _inputs(op: str):
     if op == "prompt_attention":
         q, k, v = (_t(B, T, H, D, dtype=LOW) for _ in range(3))
         return (q, k, v, D ** -0.5), dict(saliency_rows=(0, 1), saliency_cols=NUM_PREFIX + M)
+    if op == "prompt_kv_attention":
+        q, k, v = (_t(B, T - M, H, D, dtype=LOW) for _ in range(3))
+        return (q, k, v, _t(1, M, H, D, dtype=LOW), _t(1, M, H, D, dtype=LOW), D ** -0.5), {}
+    if op == "folded_cross_attention":
+        x = _t(B, T - M, WIDTH)
+        w_logits, w_values = (_t(H, CVPT_M, WIDTH, scale=WIDTH ** -0.5) for _ in range(2))
+        return (x, w_logits, _t(H, CVPT_M), w_values, _t(WIDTH, grad=False)), dict(residual=x)
     saliency = torch.rand(B, N, device=SETTING.device)
     return ((_t(B, T, WIDTH), _t(B, T, WIDTH, dtype=LOW), saliency, _t(())),
             dict(num_prefix=NUM_PREFIX, num_prompts=M, k=round(0.25 * N)))
@@ -39,9 +51,12 @@ def _step(op: str, backward: bool):
     fn = getattr(ops, op)
     grad_out = None
 
+    autocast = torch.autocast(SETTING.device, dtype=LOW, enabled=CUDA and op == "folded_cross_attention")
+
     def run():
         nonlocal grad_out
-        out = fn(*args, **kwargs)
+        with autocast:
+            out = fn(*args, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
         if backward:
             if grad_out is None:
@@ -54,7 +69,8 @@ def _step(op: str, backward: bool):
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
 @pytest.mark.parametrize("backend", svpt.available_backends(SETTING.device))
-@pytest.mark.parametrize("op", ["da_mix", "prompt_attention", "ae_update"])
+@pytest.mark.parametrize("op", ["da_mix", "prompt_attention", "ae_update", "prompt_kv_attention",
+                                "folded_cross_attention"])
 def test_op(benchmark, op, backend, backward):
     with svpt.backend(backend):
         step = _step(op, backward)

@@ -54,11 +54,9 @@ def cpp_module():
 
 
 def backend_spy(monkeypatch, backend: str) -> tuple[dict, str]:
-    """(calls of each fast-path op, device to run on) for ``backend`` with its fast paths on:
-    Triton on DEVICE with every fast path it implements (the CVPT fold is implemented but off
-    by default: it measured slower); cpp on CPU with the FAST_PATHS it ships (both, CPU only)."""
+    """(calls of each fast-path op, device to run on) for ``backend`` with the fast paths it
+    ships: Triton on DEVICE (both), cpp on CPU (both, CPU only)."""
     if backend == "triton":
-        monkeypatch.setattr(triton_backend, "FAST_PATHS", tuple(FAST_OP.values()))
         return spy_on(monkeypatch, triton_backend), DEVICE
     return spy_on(monkeypatch, cpp_module()), "cpu"
 
@@ -94,12 +92,26 @@ def assert_close(got, want, bound, label):
 @pytest.mark.parametrize("backbone,method,options", [
     ("vit", "vpt-deep", {}), ("dinov2", "vpt-deep", {}), ("deit", "vpt-deep", {}), ("qknorm", "vpt-deep", {}),
     *[("dinov2", "cvpt", {"cvpt_position": p}) for p in range(1, 6)],
-    ("deit", "cvpt", {}), ("noclass", "cvpt", {"cvpt_position": 2}),
+    ("deit", "cvpt", {}), ("noclass", "cvpt", {"cvpt_position": 2, "num_prompts": 3}),
 ])
 def test_rewrite_is_exact_on_reference_ops(monkeypatch, backbone, method, options):
     # The eager reference lists no fast paths (it computes the plain path); listing them here
     # runs the fast path's model code on the reference ops, in float64.
-    model = prompted(backbone, method, 4, **options).double()
+    num_prompts = options.pop("num_prompts", 4)  # within fold_pays for CVPT
+    assert_fast_is_plain_on_reference_ops(monkeypatch, prompted(backbone, method, num_prompts, **options).double(),
+                                          method)
+
+
+def test_fold_with_k_norm_alone_is_exact(monkeypatch):
+    """k_norm acts on the prompt keys only, so the CVPT fold (computed for all blocks at once)
+    applies and stays exact; it is q_norm that stops it."""
+    model = prompted("qknorm", "cvpt", 4).double()
+    for blk in model.blocks:
+        blk.attn.q_norm = torch.nn.Identity()
+    assert_fast_is_plain_on_reference_ops(monkeypatch, model, "cvpt")
+
+
+def assert_fast_is_plain_on_reference_ops(monkeypatch, model, method):
     images = make_images(2, seed=7).double().to(DEVICE)
     plain = logits_and_grads(model, images, "eager")
     monkeypatch.setattr(reference, "FAST_PATHS", tuple(FAST_OP.values()), raising=False)
@@ -181,6 +193,21 @@ def test_folded_cross_attention_matches_reference(monkeypatch, case, dtype):
     monkeypatch.setattr(test_triton_ops, "triton_backend", Case(triton_backend))
     base = [t for t, k in zip([x, w_logits, b_logits, w_values, bias, other], keep) if k]
     check("folded_cross_attention", lambda: base, (), dtype)
+
+
+@pytest.mark.parametrize("heads,num_prompts,fused", [(4, 32, True), (3, 43, False)])
+def test_wide_folds_run_as_gemms_and_softmax(monkeypatch, heads, num_prompts, fused):
+    """Up to 128 logit columns the fused kernels run; wider, the cuBLAS composition (reference)."""
+    calls = []
+    real = reference.folded_cross_attention
+    monkeypatch.setattr(reference, "folded_cross_attention", lambda *a: calls.append(1) or real(*a))
+    g = gen(heads)
+    x = torch.randn(1, 2, 32, generator=g).requires_grad_()
+    w_logits, w_values = (torch.randn(heads, num_prompts, 32, generator=g) / 8 for _ in range(2))
+    out = triton_backend.folded_cross_attention(x, w_logits, None, w_values, None, x)
+    out.sum().backward()
+    assert len(calls) == (0 if fused else 1)
+    assert rel_err(out, real(x.double(), w_logits.double(), None, w_values.double(), None, x.double())) < 1e-5
 
 
 def test_folded_cross_attention_follows_autocast_like_linear():
@@ -271,8 +298,8 @@ def test_prompt_dropout_in_training_falls_back_once(monkeypatch, backend, method
     assert_close(got, want, 1e-4, f"eval with dropout ({backend})")
 
 
-def test_triton_lists_only_the_fast_paths_that_pay():
-    assert triton_backend.FAST_PATHS == ("prompt_kv_attention",)
+def test_triton_lists_both_fast_paths():
+    assert triton_backend.FAST_PATHS == ("prompt_kv_attention", "folded_cross_attention")
 
 
 def test_fast_paths_off_and_eager_backend_run_the_plain_path_silently(spy):
@@ -293,9 +320,19 @@ def test_fast_paths_off_and_eager_backend_run_the_plain_path_silently(spy):
             assert not svpt.ops.fast_path("folded_cross_attention", torch.device(DEVICE))
 
 
+@pytest.mark.parametrize("heads,width,most_prompts", [(12, 768, 23), (6, 384, 25), (4, 48, 5), (1, 48, 10 ** 6)])
+def test_fold_pays_up_to_half_the_training_step_break_even(heads, width, most_prompts):
+    """ViT-B/16 folds up to M = 23, ViT-S/16 up to 25; a single head always pays (no extra columns)."""
+    from svpt.methods.cvpt import fold_pays
+    block = torch.nn.Module()
+    block.attn = torch.nn.Module()
+    block.attn.num_heads, block.attn.qkv = heads, torch.nn.Linear(width, 3 * width, device="meta")
+    assert fold_pays(block, most_prompts) and (heads == 1 or not fold_pays(block, most_prompts + 1))
+
+
 def test_cvpt_keeps_the_plain_path_where_the_fold_costs_more(spy):
-    # (H - 1) M >= d: two [d x H*M] products would cost more than the two [d x d] they replace
-    model = prompted("vit", "cvpt", num_prompts=16)  # width 48, 4 heads: 3 * 16 = 48
+    # 3 (H - 1) M >= d: the fold (with its weight gradients) would not pay
+    model = prompted("vit", "cvpt", num_prompts=16)  # width 48, 4 heads: 3 * 3 * 16 = 144 >= 48
     with svpt.backend("triton"):
         model(make_images(1, seed=9).to(DEVICE))
     assert "folded_cross_attention" not in spy
@@ -362,7 +399,7 @@ def test_cpp_fast_paths_off_and_fold_that_costs_more_run_the_plain_path(cpp_spy)
         with svpt.backend("cpp"), svpt.backends.fast_paths(False):
             prompted("vit", "vpt-deep", device="cpu")(images)
             prompted("vit", "cvpt", device="cpu")(images)
-        with svpt.backend("cpp"):  # (H - 1) M >= d: the fold would cost more than the products it replaces
+        with svpt.backend("cpp"):  # 3 (H - 1) M >= d: the fold would not pay
             prompted("vit", "cvpt", num_prompts=16, device="cpu")(images)
     assert not cpp_spy
 

@@ -35,7 +35,7 @@ import svpt
 from svpt import backends, ops, reference
 
 from backbones import randomize_
-from numerics import rel_err
+from numerics import LOW_PRECISION_FLOOR, rel_err
 
 settings.register_profile("ci", max_examples=1, deadline=None, derandomize=True, print_blob=True,
                           suppress_health_check=list(HealthCheck))
@@ -63,7 +63,6 @@ FP32_BOUND, FP64_BOUND = 1e-4, 1e-10
 # (2^-8) is itself larger than 2e-3, and at tiny shapes (one key, one query) eager's error is
 # one rounding and a fused kernel's two (GPU run: 7.73e-3 against eager's 3.84e-3,
 # benchmarks/results/properties_gpu_h200.txt).
-LOW_PRECISION_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 2.0 ** -8}
 OPS = ["da_mix", "prompt_attention", "ae_update", "prompt_kv_attention", "folded_cross_attention"]
 
 
@@ -93,8 +92,10 @@ def small(name: str) -> bool:
     return name in SMALL_BACKENDS
 
 
-def assert_close(got: torch.Tensor, want: torch.Tensor, eager: torch.Tensor | None, dtype: torch.dtype, what: str):
-    """``got`` (the backend in ``dtype``) against ``want`` (eager float64); ``eager``: eager in ``dtype``."""
+def assert_close(got: torch.Tensor, want: torch.Tensor, eager: torch.Tensor | None, dtype: torch.dtype, what: str,
+                 floor: float = 0.0):
+    """``got`` (the backend in ``dtype``) against ``want`` (eager float64); ``eager``: eager in ``dtype``;
+    ``floor``: an error the algorithm makes by design in fp16/bf16 (:func:`flash_delta_floors`)."""
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     assert torch.isfinite(got).all(), f"{what}: non-finite values"
     if want.abs().max() == 0:
@@ -108,8 +109,34 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, eager: torch.Tensor | No
         assert err < FP32_BOUND or err <= 2 * eager_err, \
             f"{what}: fp32 relative error {err:.3g} >= {FP32_BOUND} (eager fp32: {eager_err:.3g})"
     else:
-        bound = 2 * rel_err(eager, want) + LOW_PRECISION_FLOOR[dtype]
+        bound = 2 * rel_err(eager, want) + LOW_PRECISION_FLOOR[dtype] + floor
         assert err <= bound, f"{what}: {dtype} relative error {err:.3g} > 2 x eager's + floor = {bound:.3g}"
+
+
+def flash_delta_floors(op: str, make, dtype: torch.dtype, out: torch.Tensor, grads: list) -> list[float]:
+    """The gradient error a FlashAttention-style backward makes by design, relative per gradient
+    (q, each key and value segment). Its softmax correction D_i = rowsum(dO_i * O_i) is taken
+    from the output rounded to ``dtype``; eager's softmax backward sums P * dP instead. The D
+    error dD moves dq_i by -scale dD_i sum_j P_ij k_j and dk_j by -scale sum_i P_ij dD_i q_i (dv
+    not at all); it dominates when a query sees few keys (2 keys: ds_prompt = -ds_token, so a
+    small dD is a large relative error of the smaller one)."""
+    inputs, args, _ = make()
+    q, segments = inputs[0], [inputs[1:3]] if op == "prompt_attention" else [inputs[3:5], inputs[1:3]]
+    batch, scale = q.shape[0], args[0]
+    q = q.to(dtype).double()
+    keys = torch.cat([k.to(dtype).double().expand(batch, -1, -1, -1) for k, _ in segments], dim=1)
+    probs = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, keys) * scale, dim=-1)
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    d_delta = (cotangent.to(dtype).double() * (out.cpu().to(dtype).double() - out.cpu())).sum(-1)  # [B, Tq, H]
+    d_dq = -scale * d_delta[..., None] * torch.einsum("bhqk,bkhd->bqhd", probs, keys)
+    d_dkeys = -scale * torch.einsum("bhqk,bqh,bqhd->bkhd", probs, d_delta, q)
+    moved, start = [d_dq], 0
+    for k, v in segments:  # a batch-1 segment (shared prompts) gets the batch's sum
+        part = d_dkeys[:, start:start + k.shape[1]]
+        moved += [part.sum(0, keepdim=True) if k.shape[0] == 1 else part, torch.zeros_like(part[: v.shape[0]])]
+        start += k.shape[1]
+    order = [0, 1, 2] if op == "prompt_attention" else [0, 3, 4, 1, 2]  # as the op's inputs
+    return [(moved[i].norm() / g.cpu().norm().clamp_min(1e-300)).item() for i, g in zip(order, grads)]
 
 
 # ---------------------------------------------------------------- inputs
@@ -174,8 +201,11 @@ def compare_op(name: str, op: str, make, dtype: torch.dtype, layout: str, device
             assert g.dtype == dtype, f"{op} output {i}: dtype {g.dtype}, expected {dtype}"
         saliency = i == 1 and op == "prompt_attention"  # computed in float32 even from float64 inputs
         assert_close(g, w, e, torch.float32 if saliency and dtype == torch.float64 else dtype, f"{op} output {i}")
-    for i, (g, w, e) in enumerate(zip(got_grads, want_grads, eager_grads)):
-        assert_close(g, w, e, dtype, f"{op} gradient {i}")
+    floors = [0.0] * len(got_grads)
+    if op in ("prompt_attention", "prompt_kv_attention") and dtype in LOW_PRECISION_FLOOR:
+        floors = flash_delta_floors(op, rounded, dtype, want_out[0], want_grads)
+    for i, (g, w, e, floor) in enumerate(zip(got_grads, want_grads, eager_grads, floors)):
+        assert_close(g, w, e, dtype, f"{op} gradient {i}", floor)
 
 
 # ---------------------------------------------------------------- strategies
@@ -422,7 +452,7 @@ def logits_and_grads(model, images, backend, seed):
     torch.manual_seed(seed)  # prompt dropout draws the same masks on every backend
     with svpt.backend(backend):
         logits = model(images)
-    weights = torch.linspace(-1, 1, logits.numel(), dtype=torch.float64).reshape(logits.shape).to(logits.dtype)
+    weights = torch.linspace(-1, 1, logits.numel(), dtype=torch.float64).reshape(logits.shape).to(logits)
     (logits * weights).sum().backward()
     return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -462,3 +492,28 @@ def check_model_case(name, case, device=DEVICE):
     for key, grad in got_grads.items():
         assert grad.dtype == dtype, key
         assert_close(grad, want_grads[key], eager_grads.get(key), dtype, f"{method} {options} grad {key}")
+
+
+def test_flash_delta_floor_is_the_error_triton_makes_at_two_keys():
+    """One query, one token key and one prompt key, fp16 (a case hypothesis found on the GPU):
+    Triton's key gradient is ~20x eager's error, and that error is the D-rounding term of
+    :func:`flash_delta_floors`, to within 10%: the floor explains the error, it does not hide
+    another one."""
+    require_usable("triton")
+
+    def make():
+        gen = torch.Generator().manual_seed(194)
+        q, k, v, pk, pv = (randn(gen, 1, 1, 1, 32) for _ in range(5))
+        return [q, k, v, pk, pv], [32 ** -0.5], [True] * 5
+
+    def rounded():
+        inputs, args, mask = make()
+        return [t.to(torch.float16).double() for t in inputs], args, mask
+
+    want_out, want_grads = run_op(None, "prompt_kv_attention", rounded, torch.float16, "contiguous", 1)
+    _, got_grads = run_op("triton", "prompt_kv_attention", rounded, torch.float16, "contiguous", 1)
+    _, eager_grads = run_op("eager", "prompt_kv_attention", rounded, torch.float16, "contiguous", 1)
+    floor = flash_delta_floors("prompt_kv_attention", rounded, torch.float16, want_out[0], want_grads)[1]
+    got, eager = rel_err(got_grads[1], want_grads[1]), rel_err(eager_grads[1], want_grads[1])
+    assert got > 2 * eager + LOW_PRECISION_FLOOR[torch.float16]
+    assert abs(got - floor) < 0.1 * floor, (got, floor)

@@ -20,14 +20,11 @@ __all__ = ["AUTO_DEVICE_TYPES", "FAST_PATHS", "ae_update", "da_mix", "folded_cro
            "prompt_attention", "prompt_kv_attention", "why_unusable"]
 
 AUTO_DEVICE_TYPES = ("cuda",)
-# The fast paths the methods use on this backend (see svpt.backends). The CVPT fold
-# (folded_cross_attention) is implemented and tested but not listed: on an H200 its training
-# step did not beat CVPT's plain path reliably. M=10, x the no-prompt floor, fold vs plain:
-# 1.42 vs 1.35 before the kernel tuning; after it, 1.064 vs 1.096 in one run
-# (benchmarks/results/cvpt_fold_variants_h200.txt) but 1.32 vs 1.25 in another
-# (benchmarks/results/fast_path_step_h200.txt, with the fold forced on), and per call its
-# forward + backward costs 1.29 ms against 0.59 ms for the two projections it replaces.
-FAST_PATHS = ("prompt_kv_attention",)
+# The fast paths the methods use on this backend (see svpt.backends). The CVPT fold pays once
+# CVPT folds all blocks' weights in one batched product per step (host time 40.1 -> 31.2 ms,
+# so the step is no longer bound by the host): on an H200, M=10, 1.037x the no-prompt floor's
+# step against 1.098x for the plain CA (benchmarks/results/profile_step_cvpt_fold_h200.txt).
+FAST_PATHS = ("prompt_kv_attention", "folded_cross_attention")
 
 
 def _why_not_cuda() -> str | None:

@@ -27,8 +27,12 @@ from .prompt_attention import _dot
 
 __all__ = ["folded_cross_attention", "FoldedCrossAttentionFunction"]
 
-# Beyond this many (padded) logit columns a row block's logits no longer fit in registers.
-MAX_COLUMNS = 2048
+# The kernels keep a row block's [rows, H*M] logits in registers and take each head's softmax
+# by H masked passes over them (work ~ H * H*M per row): fast up to 128 padded columns (ViT-B/16,
+# M=10: 1.050x the floor's step), slow beyond (M=20: 1.289x, where the same fold as two cuBLAS
+# products and a softmax takes 1.081x; benchmarks/results/cvpt_fold_variants_h200.txt). Wider
+# folds therefore run as that composition.
+FUSED_MAX_COLUMNS = 128
 
 
 @triton.jit
@@ -136,21 +140,16 @@ def _folded_ca_bwd_kernel(
         tl.store(DX + rows[:, None] * stride_dxr + offs_n[None, :], dx.to(DX.dtype.element_ty), mask=tile_ok)
 
 
-def _config(hm_pad: int, dtype: torch.dtype, backward: bool) -> dict:
-    """Block sizes. Up to 128 logit columns (e.g. 12 heads x M=10), the best of a sweep on an H200
-    (benchmarks/results/fold_kernel_configs_h200.txt: fwd 0.18 ms, bwd 0.44 ms at ViT-B/16 shapes,
-    against 0.24 / 0.61 ms for the 8-warp defaults). Beyond, rows per program shrink so that the
-    [rows, H*M] fp32 tiles stay in registers, with 8 warps and, in the backward (three such tiles
-    live), 32-wide d chunks."""
+def _config(dtype: torch.dtype, backward: bool) -> dict:
+    """Block sizes for up to FUSED_MAX_COLUMNS logit columns: in fp16/bf16 the best of a sweep on
+    an H200 (benchmarks/results/fold_kernel_configs_h200.txt: fwd 0.18 ms, bwd 0.44 ms at
+    ViT-B/16 shapes, against 0.24 / 0.61 ms for the 8-warp defaults)."""
     if _common.INTERPRET:
         return dict(BLOCK_R=16, BLOCK_K=32, BLOCK_D=32, num_warps=1, num_stages=1)
     if dtype == torch.float32:
-        return dict(BLOCK_R=max(16, min(32, 4096 // hm_pad)), BLOCK_K=32, BLOCK_D=32, num_warps=8, num_stages=2)
-    if hm_pad <= 128:
-        return (dict(BLOCK_R=64, BLOCK_K=32, BLOCK_D=32, num_warps=4, num_stages=3) if backward else
-                dict(BLOCK_R=64, BLOCK_K=128, BLOCK_D=128, num_warps=8, num_stages=3))
-    chunk = 32 if backward else 64
-    return dict(BLOCK_R=max(16, min(64, 8192 // hm_pad)), BLOCK_K=chunk, BLOCK_D=chunk, num_warps=8, num_stages=2)
+        return dict(BLOCK_R=32, BLOCK_K=32, BLOCK_D=32, num_warps=8, num_stages=2)
+    return (dict(BLOCK_R=64, BLOCK_K=32, BLOCK_D=32, num_warps=4, num_stages=3) if backward else
+            dict(BLOCK_R=64, BLOCK_K=128, BLOCK_D=128, num_warps=8, num_stages=3))
 
 
 def _out_dtype(x, w_logits, residual, add_x):
@@ -161,7 +160,7 @@ def _out_dtype(x, w_logits, residual, add_x):
 def _launch_args(x, w_logits, backward=False):
     heads, num_prompts, width = w_logits.shape
     hm_pad = max(16, next_pow2(heads * num_prompts))
-    cfg = _config(hm_pad, w_logits.dtype, backward)
+    cfg = _config(w_logits.dtype, backward)
     grid = (triton.cdiv(x.shape[0], cfg["BLOCK_R"]),)
     return grid, (x.shape[0], width, heads, num_prompts), dict(HM_PAD=hm_pad, IEEE=w_logits.dtype == torch.float32, **cfg)
 
@@ -265,8 +264,8 @@ def folded_cross_attention(x, w_logits, b_logits, w_values, bias=None, residual=
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"folded_cross_attention: residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
     dtype = _compute_dtype(x, w_logits, w_values)
-    if dtype not in _common.KERNEL_DTYPES or next_pow2(w_logits.shape[0] * w_logits.shape[1]) > MAX_COLUMNS:
-        from svpt import reference  # float64, or more logit columns than the kernel's register tile
+    if dtype not in _common.KERNEL_DTYPES or next_pow2(w_logits.shape[0] * w_logits.shape[1]) > FUSED_MAX_COLUMNS:
+        from svpt import reference  # float64, or wider than the kernels are fast for: cuBLAS + softmax
         return reference.folded_cross_attention(x, w_logits, b_logits, w_values, bias, residual)
     shape, width = x.shape, x.shape[-1]
     add_x = residual is x  # the kernel adds x itself and folds its gradient into dx

@@ -6,8 +6,9 @@ T = 1 + M + 196, width 768, 12 heads of 64, M in (1, 50); the fast-path ops at b
 prompt_kv_attention with T = 197 token keys + an M = 50 prompt segment, folded_cross_attention
 with 12 heads x M = 10 prompts, d = 768. Numerics (METHOD.md, FlashAttention's rule): per op,
 the float64 reference runs on the same rounded inputs; in fp32 the relative error is below 1e-4,
-in bf16 at most twice eager's error in the same dtype (plus a floor of 1e-6 for outputs that
-eager gets exactly right, e.g. a copied row). float64: below 1e-10.
+in bf16 at most twice eager's error in the same dtype plus one rounding (2^-8: a scalar such
+as da.bias's gradient is one rounded sum, which eager may round closer by chance). The float64
+reference sees the rounded cotangent too. float64: below 1e-10.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 
 import svpt
 from svpt import reference
+from numerics import LOW_PRECISION_FLOOR
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -54,7 +56,7 @@ def within_rule(fused, eager, want, dtype, denom=None):
         return ef < 1e-10, ef, ee
     if dtype == torch.float32:
         return ef < 1e-4 or ef <= 2 * ee, ef, ee
-    return ef <= 2 * ee + 1e-6, ef, ee
+    return ef <= 2 * ee + LOW_PRECISION_FLOOR[dtype], ef, ee
 
 
 def outputs_and_grads(fn, inputs, cotangent):
@@ -69,7 +71,7 @@ def outputs_and_grads(fn, inputs, cotangent):
 def compare(name, op, cpp, inputs, cotangent, dtype, labels):
     """``op(module)`` -> the callable under test; cpp and eager vs float64 on the same rounded inputs."""
     lo = [t.to(dtype) for t in inputs]
-    want, want_g = outputs_and_grads(op(reference), [t.double() for t in lo], cotangent.double())
+    want, want_g = outputs_and_grads(op(reference), [t.double() for t in lo], cotangent.to(dtype).double())
     eager, eager_g = outputs_and_grads(op(reference), lo, cotangent)
     fused, fused_g = outputs_and_grads(op(cpp), lo, cotangent)
     main = lambda o: o[0] if isinstance(o, tuple) else o  # noqa: E731

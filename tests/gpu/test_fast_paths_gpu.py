@@ -72,7 +72,6 @@ def test_folded_cross_attention_vitb(triton_ops, num_prompts, dtype_name):
     ("vpt-deep", 50, {}), ("cvpt", 10, {}), ("cvpt", 10, {"cvpt_position": 2})])
 def test_whole_model_fast_path_vitb(triton_ops, monkeypatch, method, num_prompts, options):
     op = {"vpt-deep": "prompt_kv_attention", "cvpt": "folded_cross_attention"}[method]
-    monkeypatch.setattr(triton_ops, "FAST_PATHS", ("prompt_kv_attention", "folded_cross_attention"))
     calls = []
     real = getattr(triton_ops, op)
     monkeypatch.setattr(triton_ops, op, lambda *a: calls.append(1) or real(*a))
