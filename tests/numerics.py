@@ -1,8 +1,9 @@
 """METHOD.md's error measure, shared by the backend tests."""
 import torch
 
-# One rounding in the dtype: errors this small are not held against a kernel (e.g. a scalar
-# gradient, one rounded sum, which eager may by chance round closer).
+# Below this relative error the 2x-eager rule compares rounding noise: bf16's unit roundoff is
+# 2^-8, and a result that is one rounded value (a scalar gradient, one rounded sum; at tiny
+# shapes, a fused kernel's output) may by chance be rounded closer by eager.
 LOW_PRECISION_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 2.0 ** -8}
 
 
