@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-__all__ = ["SUPPORTED_DTYPES", "check_ae_update", "check_da_mix", "check_folded_cross_attention",
+__all__ = ["SUPPORTED_DTYPES", "check_ae_update", "check_attention_saliency", "check_da_mix", "check_folded_cross_attention",
            "check_model_input", "check_prompt_attention", "check_prompt_kv_attention"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -148,43 +148,52 @@ def check_da_mix(tokens, prompts, weight, bias, num_prefix) -> None:
                   "tokens, prompts and weight (the gate's products)")
 
 
-def check_prompt_attention(q, k, v, scale, saliency_rows=None, saliency_cols=0) -> None:
-    op = "prompt_attention"
-    _common(op, [("q", q), ("k", k), ("v", v)])
-    _scale(op, scale)
+def _attention_shapes(op, q, k, v=None) -> None:
     if q.dim() != 4:
         raise ValueError(f"svpt.ops.{op}: q has shape {_shape(q)}; expected [B, Tq, H, D]")
     batch, tq, heads, dim = q.shape
     for name, t in (("k", k), ("v", v)):
+        if t is None:
+            continue
         if t.dim() != 4 or t.shape[0] not in (1, batch) or t.shape[1] < 1 or tuple(t.shape[2:]) != (heads, dim):
             raise ValueError(f"svpt.ops.{op}: {name} has shape {_shape(t)}; expected [1 or B={batch}, Tk >= 1, "
                              f"H={heads}, D={dim}] for q {_shape(q)}")
-    if k.shape != v.shape:
+    if v is not None and k.shape != v.shape:
         raise ValueError(f"svpt.ops.{op}: k {_shape(k)} and v {_shape(v)} must have the same shape")
     if tq < 1 or dim < 1:
         raise ValueError(f"svpt.ops.{op}: q has shape {_shape(q)}; Tq and D must be >= 1")
-    if saliency_rows is not None:
-        if not isinstance(saliency_rows, (tuple, list)) or len(saliency_rows) != 2:
-            raise TypeError(f"svpt.ops.{op}: saliency_rows must be None or (start, count), got {saliency_rows!r}")
-        start, count = saliency_rows
-        _int(op, "saliency_rows start", start, 0, tq - 1, f" (q has Tq={tq} rows)")
-        _int(op, "saliency_rows count", count, 1, tq - start, f" (rows start..start+count-1 must lie in Tq={tq})")
-        _int(op, "saliency_cols", saliency_cols, 0, k.shape[1] - 1, f" (k has Tk={k.shape[1]} columns)")
-    else:
-        _int(op, "saliency_cols", saliency_cols, 0)
+
+
+def check_prompt_attention(q, k, v, scale) -> None:
+    op = "prompt_attention"
+    _common(op, [("q", q), ("k", k), ("v", v)])
+    _scale(op, scale)
+    _attention_shapes(op, q, k, v)
     _matmul_group(op, [("q", q), ("k", k), ("v", v)], "q, k and v")
 
 
-def check_ae_update(tokens, attn_out, saliency, scale, num_prefix, num_prompts, k) -> None:
+def check_attention_saliency(q, k, scale, saliency_rows, saliency_cols) -> None:
+    op = "attention_saliency"
+    _common(op, [("q", q), ("k", k)])
+    _scale(op, scale)
+    _attention_shapes(op, q, k)
+    tq, tk = q.shape[1], k.shape[1]
+    if not isinstance(saliency_rows, (tuple, list)) or len(saliency_rows) != 2:
+        raise TypeError(f"svpt.ops.{op}: saliency_rows must be (start, count), got {saliency_rows!r}")
+    start, count = saliency_rows
+    _int(op, "saliency_rows start", start, 0, tq - 1, f" (q has Tq={tq} rows)")
+    _int(op, "saliency_rows count", count, 1, tq - start, f" (rows start..start+count-1 must lie in Tq={tq})")
+    _int(op, "saliency_cols", saliency_cols, 0, tk - 1, f" (k has Tk={tk} columns)")
+    _matmul_group(op, [("q", q), ("k", k)], "q and k")
+
+
+def check_ae_update(h, saliency, scale, num_prefix, num_prompts, k) -> None:
     op = "ae_update"
-    _common(op, [("tokens", tokens), ("attn_out", attn_out), ("saliency", saliency), ("scale", scale)])
-    if tokens.dim() != 3:
-        raise ValueError(f"svpt.ops.{op}: tokens has shape {_shape(tokens)}; expected [B, T, d]")
-    if attn_out.shape != tokens.shape:
-        raise ValueError(f"svpt.ops.{op}: attn_out has shape {_shape(attn_out)}; expected tokens' shape "
-                         f"{_shape(tokens)}")
+    _common(op, [("h", h), ("saliency", saliency), ("scale", scale)])
+    if h.dim() != 3:
+        raise ValueError(f"svpt.ops.{op}: h has shape {_shape(h)}; expected [B, T, d]")
     _scalar_tensor(op, "scale", scale)
-    batch, length, _ = tokens.shape
+    batch, length, _ = h.shape
     _int(op, "num_prompts", num_prompts, 1)
     _int(op, "num_prefix", num_prefix, 0, length - num_prompts - 1,
          f" (T={length} tokens hold num_prefix + M={num_prompts} prompt rows + N >= 1 patch rows)")

@@ -2,15 +2,20 @@
 
 Shapes: B batch, T tokens (prefix, prompts, patches), M prompts, H heads, D head dim,
 d width. Every backend computes the same function (METHOD.md); :mod:`svpt.reference`
-is the ground truth. The backend is chosen by :mod:`svpt.backends`, never here.
+is the ground truth. Which implementation runs is decided by :mod:`svpt.backends`, never here.
+
+``da_mix`` and ``ae_update`` work in place on the token buffer and touch only the rows they
+change (the M prompt rows; the k selected patch rows), forward and backward: the buffer of
+[prefix, prompts, patches] lives through all blocks without being copied. Their inputs must not
+be leaf tensors that require grad (as for any in-place op).
 
 ``prompt_kv_attention`` and ``folded_cross_attention`` are the exact fast paths of VPT-deep
 and CVPT (METHOD.md, "Fast path"). Every backend implements them (the reference too, for the
-tests), but the methods call them only where :func:`fast_path` says the backend in use
-offers them; otherwise they run the plain path, which on the eager reference is always.
+tests), but the methods call them only where the backend lists them in ``FAST_PATHS``.
 
-Every op checks its inputs (:mod:`svpt.checks`: device, dtype, shapes, arguments) before a
-backend is chosen, so bad input fails the same way, with the same message, on every backend.
+These functions check their inputs (:mod:`svpt.checks`) and resolve the implementation on
+every call: the API for users and tests. The methods instead check the model's input once and
+call the kernels of :func:`svpt.backends.kernels` directly.
 """
 from __future__ import annotations
 
@@ -18,62 +23,65 @@ import torch
 
 from . import backends, checks
 
-__all__ = ["ae_update", "da_mix", "fast_path", "folded_cross_attention", "prompt_attention",
+__all__ = ["ae_update", "attention_saliency", "da_mix", "folded_cross_attention", "prompt_attention",
            "prompt_kv_attention"]
 
 
-def _impl(op: str, device: torch.device):
-    """The selected backend's implementation of ``op`` for tensors on ``device`` (every backend
-    implements every op: tests/test_api.py checks it)."""
-    return getattr(backends.resolve(device), op)
+def _dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    dtypes = [t.dtype for t in tensors if t is not None]
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def _run(op: str, device: torch.device, dtype: torch.dtype, sizes: dict, *args):
+    return backends.implementation(op, device, dtype, sizes).fn(*args)
 
 
 def da_mix(tokens: torch.Tensor, prompts: torch.Tensor, weight: torch.Tensor,
            bias: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """SVPT's cross-layer connection with dynamic aggregation (CDC + DA).
+    """SVPT's cross-layer connection with dynamic aggregation (CDC + DA), in place.
 
     ``tokens`` [B, T, d] is block l-1's output, whose rows ``num_prefix : num_prefix+M``
     hold ``P_out[l-1]``; ``prompts`` [B or 1, M, d] is ``P[l]`` (after prompt dropout);
     ``weight`` [2, d] and ``bias`` [] are ``da.weight[l-1]`` and ``da.bias[l-1]``.
-    Returns ``tokens`` with those rows replaced by ``g * P_out + (1 - g) * P`` where
-    ``g = sigmoid(P_out . weight[0] + P . weight[1] + bias)`` per token.
+    Overwrites those rows with ``g * P_out + (1 - g) * P``, ``g = sigmoid(P_out . weight[0] +
+    P . weight[1] + bias)`` per token, and returns ``tokens``; the other rows are not touched.
     """
     checks.check_da_mix(tokens, prompts, weight, bias, num_prefix)
-    return _impl("da_mix", tokens.device)(tokens, prompts, weight, bias, num_prefix)
+    return _run("da_mix", tokens.device, _dtype(tokens, prompts), {}, tokens, prompts, weight, bias, num_prefix)
 
 
-def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                     saliency_rows: tuple[int, int] | None = None,
-                     saliency_cols: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Softmax attention, optionally with AE's saliency from the same probabilities.
-
-    ``q`` [B, Tq, H, D]; ``k``, ``v`` [B or 1, Tk, H, D]. Returns ``out`` [B, Tq, H, D] and,
-    when ``saliency_rows = (start, count)`` is given, ``saliency`` [B, Tk - saliency_cols]
-    (float32, no gradient): the attention probabilities of query rows
-    ``start : start+count`` to key columns ``saliency_cols :``, averaged over heads and
-    over those rows (not renormalised). Otherwise ``saliency`` is ``None``.
-    """
-    checks.check_prompt_attention(q, k, v, scale, saliency_rows, saliency_cols)
-    return _impl("prompt_attention", q.device)(q, k, v, scale, saliency_rows, saliency_cols)
+def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax attention ``softmax(q k^T * scale) v`` per head: ``q`` [B, Tq, H, D]; ``k``, ``v``
+    [B or 1, Tk, H, D] (batch 1: CVPT's prompts, broadcast; their gradients summed over B).
+    Returns [B, Tq, H, D]."""
+    checks.check_prompt_attention(q, k, v, scale)
+    sizes = {"head_dim": q.shape[-1], "broadcast_kv": int(k.shape[0] != q.shape[0])}
+    return _run("prompt_attention", q.device, _dtype(q, k, v), sizes, q, k, v, scale)
 
 
-def ae_update(tokens: torch.Tensor, attn_out: torch.Tensor, saliency: torch.Tensor,
-              scale: torch.Tensor, num_prefix: int, num_prompts: int, k: int) -> torch.Tensor:
-    """SVPT's attentive enhancement fused with the attention residual add.
-
-    ``h = tokens + attn_out`` [B, T, d]; the ``k`` patch tokens with the highest
-    ``saliency`` [B, N] (N = T - num_prefix - num_prompts) get
-    ``u = scale * mean(h[:, num_prefix : num_prefix+num_prompts])`` added. The top-k
-    indices carry no gradient; ``u`` does (to ``scale`` and through ``h``).
-    """
-    checks.check_ae_update(tokens, attn_out, saliency, scale, num_prefix, num_prompts, k)
-    return _impl("ae_update", tokens.device)(tokens, attn_out, saliency, scale, num_prefix, num_prompts, k)
+def attention_saliency(q: torch.Tensor, k: torch.Tensor, scale: float, saliency_rows: tuple[int, int],
+                       saliency_cols: int) -> torch.Tensor:
+    """AE's saliency: the softmax attention probabilities (over all Tk keys) of query rows
+    ``start : start+count`` (``saliency_rows = (start, count)``) to key columns
+    ``saliency_cols :``, averaged over heads and over those rows, not renormalised. ``q``
+    [B, Tq, H, D], ``k`` [B or 1, Tk, H, D]; returns float32 [B, Tk - saliency_cols], no gradient."""
+    checks.check_attention_saliency(q, k, scale, saliency_rows, saliency_cols)
+    return _run("attention_saliency", q.device, _dtype(q, k), {"head_dim": q.shape[-1]},
+                q, k, scale, tuple(saliency_rows), saliency_cols)
 
 
-def fast_path(op: str, device: torch.device) -> bool:
-    """Whether the backend running ops on ``device`` offers the fast-path op ``op``
-    (``"prompt_kv_attention"`` or ``"folded_cross_attention"``) and fast paths are enabled."""
-    return backends.has_fast_path(op, device)
+def ae_update(h: torch.Tensor, saliency: torch.Tensor, scale: torch.Tensor, num_prefix: int,
+              num_prompts: int, k: int) -> torch.Tensor:
+    """SVPT's attentive enhancement, in place on the attention residual ``h`` [B, T, d]: the ``k``
+    patch rows with the highest ``saliency`` [B, N] (N = T - num_prefix - num_prompts) get
+    ``u = scale * mean(h[:, num_prefix : num_prefix+num_prompts])`` (taken before the update)
+    added; returns ``h``. The top-k indices carry no gradient; ``u`` does (to ``scale`` and
+    through ``h``'s prompt rows)."""
+    checks.check_ae_update(h, saliency, scale, num_prefix, num_prompts, k)
+    return _run("ae_update", h.device, h.dtype, {}, h, saliency, scale, num_prefix, num_prompts, k)
 
 
 def prompt_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_k: torch.Tensor,
@@ -85,7 +93,8 @@ def prompt_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, promp
     segment's summed over the batch when it has batch 1).
     """
     checks.check_prompt_kv_attention(q, k, v, prompt_k, prompt_v, scale)
-    return _impl("prompt_kv_attention", q.device)(q, k, v, prompt_k, prompt_v, scale)
+    return _run("prompt_kv_attention", q.device, _dtype(q, k, v, prompt_k, prompt_v), {"head_dim": q.shape[-1]},
+                q, k, v, prompt_k, prompt_v, scale)
 
 
 def folded_cross_attention(x: torch.Tensor, w_logits: torch.Tensor, b_logits: torch.Tensor | None,
@@ -101,4 +110,6 @@ def folded_cross_attention(x: torch.Tensor, w_logits: torch.Tensor, b_logits: to
     Under autocast the products run in the autocast dtype, as F.linear's would.
     """
     checks.check_folded_cross_attention(x, w_logits, b_logits, w_values, bias, residual)
-    return _impl("folded_cross_attention", x.device)(x, w_logits, b_logits, w_values, bias, residual)
+    sizes = {"logit_columns": w_logits.shape[0] * w_logits.shape[1]}
+    return _run("folded_cross_attention", x.device, _dtype(x, w_logits), sizes,
+                x, w_logits, b_logits, w_values, bias, residual)

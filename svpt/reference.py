@@ -10,38 +10,42 @@ import torch.nn.functional as F
 
 
 def da_mix(tokens, prompts, weight, bias, num_prefix):
-    num_prompts = prompts.shape[-2]
-    prev = tokens[:, num_prefix:num_prefix + num_prompts]
+    rows = slice(num_prefix, num_prefix + prompts.shape[-2])
+    prev = tokens[:, rows].clone()  # P_out[l-1]: the write below overwrites these rows
     gate = torch.sigmoid(prev @ weight[0] + prompts @ weight[1] + bias).unsqueeze(-1)
-    mixed = gate * prev + (1 - gate) * prompts
-    return torch.cat([tokens[:, :num_prefix], mixed, tokens[:, num_prefix + num_prompts:]], dim=1)
+    tokens[:, rows] = gate * prev + (1 - gate) * prompts
+    return tokens
 
 
-def prompt_attention(q, k, v, scale, saliency_rows=None, saliency_cols=0):
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
-    probs = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-    out = (probs @ v).transpose(1, 2)
-    if saliency_rows is None:
-        return out, None
+def _probabilities(q, k, scale):
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D]
+    return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+def prompt_attention(q, k, v, scale):
+    return (_probabilities(q, k, scale) @ v.transpose(1, 2)).transpose(1, 2)
+
+
+def attention_saliency(q, k, scale, saliency_rows, saliency_cols):
     start, count = saliency_rows
-    rows = probs.detach()[:, :, start:start + count, saliency_cols:]
-    return out, rows.float().mean(dim=(1, 2))
+    with torch.no_grad():
+        probs = _probabilities(q[:, start:start + count], k, scale)  # [B, H, rows, Tk]
+        return probs[..., saliency_cols:].float().mean(dim=(1, 2))
 
 
-def ae_update(tokens, attn_out, saliency, scale, num_prefix, num_prompts, k):
-    h = tokens + attn_out
+def ae_update(h, saliency, scale, num_prefix, num_prompts, k):
     first_patch = num_prefix + num_prompts
     rows = saliency.topk(k, dim=-1).indices + first_patch  # [B, k]
-    u = scale * h[:, num_prefix:first_patch].mean(dim=1)  # [B, d]
+    u = scale * h[:, num_prefix:first_patch].mean(dim=1)  # [B, d], from h before the update
     index = rows.unsqueeze(-1).expand(-1, -1, h.shape[-1])
-    return h.scatter_add(1, index, u.unsqueeze(1).expand(-1, k, -1).to(h.dtype))
+    return h.scatter_add_(1, index, u.unsqueeze(1).expand(-1, k, -1).to(h.dtype))
 
 
 def prompt_kv_attention(q, k, v, prompt_k, prompt_v, scale):
     batch = q.shape[0]
     k = torch.cat([prompt_k.expand(batch, -1, -1, -1), k], dim=1)
     v = torch.cat([prompt_v.expand(batch, -1, -1, -1), v], dim=1)
-    return prompt_attention(q, k, v, scale)[0]
+    return prompt_attention(q, k, v, scale)
 
 
 def folded_cross_attention(x, w_logits, b_logits, w_values, bias=None, residual=None):

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-__all__ = ["AUTO_DEVICE_TYPES", "FAST_PATHS", "ae_update", "build_info", "da_mix", "folded_cross_attention",
+__all__ = ["AUTO_DEVICE_TYPES", "FAST_PATHS", "SUPPORTS", "build_info", "folded_cross_attention",
            "prompt_attention", "prompt_kv_attention", "why_unusable"]
 
 # "auto" uses the CUDA kernels nowhere yet: they are correct but slower than eager's cuBLAS path
@@ -33,6 +33,11 @@ AUTO_DEVICE_TYPES = ("cpu",)
 # (tests/gpu/test_cpp_gpu.py::test_fast_path_ops_speed_vit_b16 records the op times), and "auto"
 # does not pick this backend there.
 FAST_PATHS = {"cpu": ("prompt_kv_attention", "folded_cross_attention"), "cuda": ()}
+# What the extension computes itself (svpt.backends hands the rest to the reference, saying so).
+# The row-local in-place da_mix / ae_update and the saliency rows are not in C++ yet.
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # half types: fp32 on CPU
+SUPPORTS = {op: {"devices": ("cpu", "cuda"), "dtypes": _DTYPES}
+            for op in ("prompt_attention", "prompt_kv_attention", "folded_cross_attention")}
 _BUILD_RECORD = "_C_not_built.txt"  # written by setup.py when the build was skipped or failed
 
 
@@ -129,29 +134,6 @@ def _require(device: torch.device) -> None:
         raise RuntimeError(f"svpt backend 'cpp' cannot run on {device}: {reason}")
 
 
-# ------------------------------------------------------------------------------- da_mix
-class _DaMix(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tokens, prompts, weight, bias, num_prefix):
-        ctx.save_for_backward(tokens, prompts, weight, bias)
-        ctx.num_prefix = num_prefix
-        return _ops.da_mix_fwd(tokens, prompts, weight, bias, num_prefix)
-
-    @staticmethod
-    def backward(ctx, grad):
-        tokens, prompts, weight, bias = ctx.saved_tensors
-        grads = _ops.da_mix_bwd(grad.contiguous(), tokens, prompts, weight, bias, ctx.num_prefix)
-        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None)
-
-
-def da_mix(tokens, prompts, weight, bias, num_prefix):
-    _require(tokens.device)
-    dtype = torch.promote_types(torch.promote_types(tokens.dtype, prompts.dtype), weight.dtype)
-    kdt = _kernel_dtype(dtype, tokens.device)
-    out = _DaMix.apply(tokens.to(kdt), prompts.to(kdt), weight.to(kdt), bias.to(kdt), int(num_prefix))
-    return out.to(dtype)
-
-
 # ----------------------------------------------------------------------- prompt_attention
 class _PromptAttention(torch.autograd.Function):
     @staticmethod
@@ -170,19 +152,12 @@ class _PromptAttention(torch.autograd.Function):
         return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None, None)
 
 
-def prompt_attention(q, k, v, scale, saliency_rows=None, saliency_cols=0):
+def prompt_attention(q, k, v, scale):
     _require(q.device)
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     kdt = _kernel_dtype(dtype, q.device)
-    if saliency_rows is None:
-        start, count = 0, 0
-    else:
-        start, count = (int(x) for x in saliency_rows)
-        if count <= 0:
-            raise ValueError(f"saliency_rows={saliency_rows!r}: the row count must be positive")
-    out, saliency = _PromptAttention.apply(q.to(kdt), k.to(kdt), v.to(kdt), float(scale), start, count,
-                                           int(saliency_cols))
-    return out.to(dtype), (saliency if count else None)
+    out, _ = _PromptAttention.apply(q.to(kdt), k.to(kdt), v.to(kdt), float(scale), 0, 0, 0)
+    return out.to(dtype)
 
 
 # -------------------------------------------------------------------- prompt_kv_attention
@@ -258,32 +233,6 @@ def folded_cross_attention(x, w_logits, b_logits, w_values, bias=None, residual=
     if fused:
         return out.to(torch.promote_types(residual.dtype, compute))
     return residual + out.to(compute)
-
-
-# ------------------------------------------------------------------------------ ae_update
-class _AeUpdate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tokens, attn_out, saliency, scale, num_prefix, num_prompts, k):
-        out, rows, mean = _ops.ae_update_fwd(tokens, attn_out, saliency, scale, num_prefix, num_prompts, k)
-        ctx.save_for_backward(rows, mean, scale)
-        ctx.num_prefix, ctx.num_prompts = num_prefix, num_prompts
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        rows, mean, scale = ctx.saved_tensors
-        dh, dscale = _ops.ae_update_bwd(grad.contiguous(), rows, mean, scale, ctx.num_prefix, ctx.num_prompts)
-        need = ctx.needs_input_grad
-        return (dh if need[0] else None, dh if need[1] else None, None, dscale if need[3] else None, None, None, None)
-
-
-def ae_update(tokens, attn_out, saliency, scale, num_prefix, num_prompts, k):
-    _require(tokens.device)
-    dtype = torch.promote_types(tokens.dtype, attn_out.dtype)
-    kdt = _kernel_dtype(dtype, tokens.device)
-    out = _AeUpdate.apply(tokens.to(kdt), attn_out.to(kdt), saliency.detach(), scale.to(kdt), int(num_prefix),
-                          int(num_prompts), int(k))
-    return out.to(dtype)
 
 
 # ------------------------------------------------- fake kernels: torch.compile traces the ops

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import ClassVar
+from functools import partial
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .. import ops
+from ..backends import Kernels, kernels
 
 
-def self_attention(block: nn.Module, x: torch.Tensor, saliency_rows: tuple[int, int] | None = None,
-                   saliency_cols: int = 0, prompt_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+def self_attention(block: nn.Module, x: torch.Tensor, kernels: Kernels,
+                   saliency: tuple[tuple[int, int], int] | None = None,
+                   prompt_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``ls1(MSA(LN1(x)))`` as the block computes it, and AE's saliency when asked.
+    """``ls1(MSA(LN1(x)))`` as the block computes it, and AE's saliency when asked
+    (``saliency = ((start, count), first column)``: from the same queries and keys).
 
     With ``prompt_kv`` (from :func:`prompt_keys_values`), the attention of ``x``'s rows also
     sees those extra keys/values, as if their tokens were in the sequence (VPT-deep's fast path).
@@ -32,14 +35,15 @@ def self_attention(block: nn.Module, x: torch.Tensor, saliency_rows: tuple[int, 
     q, k, v = attn.qkv(y).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).unbind(2)
     q, k = attn.q_norm(q), attn.k_norm(k)
     if prompt_kv is None:
-        out, saliency = ops.prompt_attention(q, k, v, attn.scale, saliency_rows, saliency_cols)
+        out = kernels.prompt_attention(q, k, v, attn.scale)
     else:
-        out, saliency = ops.prompt_kv_attention(q, k, v, *prompt_kv, attn.scale), None
+        out = kernels.prompt_kv_attention(q, k, v, *prompt_kv, attn.scale)
+    sal = None if saliency is None else kernels.attention_saliency(q, k, attn.scale, *saliency)
     out = attn.norm(out.reshape(batch, tokens, -1))
     gate = getattr(attn, "gate", None)  # timm >= 1.0.30 gated attention
     if gate is not None:
         out = out * gate(y).sigmoid()
-    return block.ls1(attn.proj(out)), saliency
+    return block.ls1(attn.proj(out)), sal
 
 
 def prompt_keys_values(block: nn.Module, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,9 +62,9 @@ def mlp_residual(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return h + block.ls2(block.mlp(block.norm2(h)))
 
 
-def plain_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def plain_block(block: nn.Module, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
     """The unprompted block, ``x + ls1(MSA(LN1 x))`` then the MLP residual."""
-    return mlp_residual(block, x + self_attention(block, x)[0])
+    return mlp_residual(block, x + self_attention(block, x, kernels)[0])
 
 
 def insert_prompts(x: torch.Tensor, prompts: torch.Tensor, num_prefix: int) -> torch.Tensor:
@@ -116,26 +120,48 @@ class PromptMethod(nn.Module):
             prompts = F.dropout(prompts.expand(batch, -1, -1), self.prompt_dropout, training=True)
         return prompts
 
-    def forward(self, x: torch.Tensor, blocks: nn.Sequential, use_checkpoint: bool = False) -> torch.Tensor:
-        """Run ``blocks`` on ``x`` = [prefix, patches] the method's way; returns the same layout."""
-        return self.leave(self.run_blocks(self.block, self.enter(x), blocks, use_checkpoint))
+    def forward(self, x: torch.Tensor, blocks: nn.Sequential, use_checkpoint: bool = False,
+                collect: Sequence[int] = ()) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run ``blocks`` on ``x`` = [prefix, patches] the method's way; returns the same layout.
+
+        With ``collect`` (block indices into ``blocks``), also returns the outputs of those blocks,
+        in that order, each in the [prefix, patches] layout (prompt rows removed): the dense
+        features of :mod:`svpt.dense`.
+        """
+        block = partial(self.block, kernels=self.kernels(x, blocks))
+        return self.run_blocks(block, self.enter(x), blocks, use_checkpoint, collect, self.leave)
+
+    def kernels(self, x: torch.Tensor, blocks: nn.Sequential) -> Kernels:
+        """The ops for this forward, resolved once (svpt.backends.kernels) for the token stream's
+        device and dtype and the sizes the backends' limits name."""
+        attn = blocks[0].attn
+        return kernels(x.device, x.dtype, head_dim=attn.head_dim, logit_columns=attn.num_heads * self.num_prompts)
 
     @staticmethod
-    def run_blocks(block_fn, x: torch.Tensor, blocks: nn.Sequential, use_checkpoint: bool) -> torch.Tensor:
-        """``x = block_fn(layer, blk, x)`` for each block, checkpointed when asked."""
+    def run_blocks(block_fn, x: torch.Tensor, blocks: nn.Sequential, use_checkpoint: bool,
+                   collect: Sequence[int] = (), leave=None):
+        """``x = block_fn(layer, blk, x)`` for each block, checkpointed when asked; returns
+        ``leave(x)`` (``leave``: the method's exit from its sequence layout, identity when
+        ``None``) and, when ``collect`` names blocks, ``[leave(output of block i) for i in collect]``."""
+        leave = leave or (lambda t: t)
+        wanted = set(collect)
+        taken = {}
         for layer, blk in enumerate(blocks):
             if use_checkpoint and torch.is_grad_enabled():
                 x = checkpoint(block_fn, layer, blk, x, use_reentrant=False)
             else:
                 x = block_fn(layer, blk, x)
-        return x
+            if layer in wanted:
+                taken[layer] = leave(x)
+        out = leave(x)
+        return (out, [taken[i] for i in collect]) if collect else out
 
-    def fast_path(self, op: str, device: torch.device, inexact: str | None = None) -> bool:
+    def fast_path(self, op: str, kernels: Kernels, inexact: str | None = None) -> bool:
         """Whether to run the exact fast path ``op`` (METHOD.md, "Fast path") here: the backend
         offers it, the prompts are the same for every sample (no prompt dropout in training)
         and nothing else makes it inexact (``inexact``: why, or ``None``). When only the
         latter conditions stop it, says so once per model (a warning) and returns ``False``."""
-        if not ops.fast_path(op, device):
+        if not kernels.fast_path(op):
             return False
         if self.training and self.prompt_dropout > 0:
             inexact = (f"prompt dropout ({self.prompt_dropout}) is active in training, so the prompts "

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from ..backends import Kernels
 from .base import PromptMethod, mlp_residual, plain_block, self_attention
 
 
-def cross_attention(block: nn.Module, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+def cross_attention(block: nn.Module, x: torch.Tensor, prompts: torch.Tensor, kernels: Kernels) -> torch.Tensor:
     """CA(x, P): queries from ``x`` (not layer-normed), keys/values from ``P``, all through
     the block's own qkv / q_norm / k_norm / proj (shared tensors, no copies)."""
     attn = block.attn
@@ -23,7 +23,7 @@ def cross_attention(block: nn.Module, x: torch.Tensor, prompts: torch.Tensor) ->
     q = attn.q_norm(F.linear(x, w_q, b_q).reshape(batch, tokens, *heads))
     k = attn.k_norm(F.linear(prompts, w_k, b_k).reshape(prompts.shape[0], -1, *heads))
     v = F.linear(prompts, w_v, b_v).reshape(prompts.shape[0], -1, *heads)
-    out, _ = ops.prompt_attention(q, k, v, attn.scale)
+    out = kernels.prompt_attention(q, k, v, attn.scale)
     return attn.proj(out.reshape(batch, tokens, -1))
 
 
@@ -85,19 +85,21 @@ class CVPT(PromptMethod):
         super().__init__(prompt_layers=kwargs["depth"], **kwargs)
         self.cvpt_position = cvpt_position
 
-    def forward(self, x: torch.Tensor, blocks: nn.Sequential, use_checkpoint: bool = False) -> torch.Tensor:
-        if self.fold_applies(blocks, x.device):
+    def forward(self, x: torch.Tensor, blocks: nn.Sequential, use_checkpoint: bool = False,
+                collect: Sequence[int] = ()):
+        kernels = self.kernels(x, blocks)
+        folded = None
+        if self.fold_applies(blocks, kernels):
             folded = folded_weights(blocks, self.prompts[: len(blocks)])
-            return self.run_blocks(partial(self.block, folded=folded), x, blocks, use_checkpoint)
-        return super().forward(x, blocks, use_checkpoint)
+        return self.run_blocks(partial(self.block, kernels=kernels, folded=folded), x, blocks, use_checkpoint, collect)
 
-    def fold_applies(self, blocks: nn.Sequential, device: torch.device) -> bool:
+    def fold_applies(self, blocks: nn.Sequential, kernels: Kernels) -> bool:
         if not fold_pays(blocks[0], self.num_prompts):
             return False
         has_q_norm = any(not isinstance(blk.attn.q_norm, nn.Identity) for blk in blocks)
-        return self.fast_path("folded_cross_attention", device, "the blocks have q_norm, nonlinear in x" if has_q_norm else None)
+        return self.fast_path("folded_cross_attention", kernels, "the blocks have q_norm, nonlinear in x" if has_q_norm else None)
 
-    def block(self, layer: int, blk: nn.Module, x: torch.Tensor,
+    def block(self, layer: int, blk: nn.Module, x: torch.Tensor, kernels: Kernels,
               folded: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None) -> torch.Tensor:
         """Block ``layer`` with CA at ``cvpt_position``; folded (fast path) when given the
         output of :func:`folded_weights` for all blocks."""
@@ -106,19 +108,19 @@ class CVPT(PromptMethod):
 
             def ca(source: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
                 """``residual + CA(source, P)``."""
-                return ops.folded_cross_attention(source, w_logits, b_logits, w_values, blk.attn.proj.bias, residual)
+                return kernels.folded_cross_attention(source, w_logits, b_logits, w_values, blk.attn.proj.bias, residual)
         else:
             prompts = self.layer_prompts(layer, x.shape[0]).to(x.dtype)
 
             def ca(source: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-                return residual + cross_attention(blk, source, prompts)
+                return residual + cross_attention(blk, source, prompts, kernels)
         position = self.cvpt_position
         if position == 1:  # before SA
-            return plain_block(blk, ca(x, x))
+            return plain_block(blk, ca(x, x), kernels)
         if position == 5:  # after the MLP
-            x = plain_block(blk, x)
+            x = plain_block(blk, x, kernels)
             return ca(x, x)
-        attn_out = self_attention(blk, x)[0]
+        attn_out = self_attention(blk, x, kernels)[0]
         if position == 2:  # parallel to SA
             return mlp_residual(blk, ca(x, x + attn_out))
         h = x + attn_out

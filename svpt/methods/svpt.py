@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import ops
+from ..backends import Kernels
 from .base import mlp_residual, replace_prompts, self_attention
 from .vpt import _VPT
 
@@ -43,17 +43,21 @@ class SVPT(_VPT):
         # Saliency source rows: the class token (index 0) or the M prompt queries.
         self.saliency_rows = (0, 1) if ae_source == "cls" else (self.num_prefix, self.num_prompts)
 
-    def block(self, layer: int, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if layer > 0:
-            prompts = self.layer_prompts(layer, x.shape[0])
-            if self.cdc:
-                x = ops.da_mix(x, prompts, self.da.weight[layer - 1], self.da.bias[layer - 1], self.num_prefix)
-            else:
-                x = replace_prompts(x, prompts, self.num_prefix)
-        if layer not in self.ae_layers:
-            return mlp_residual(blk, x + self_attention(blk, x)[0])
-        first_patch = self.num_prefix + self.num_prompts
-        attn_out, saliency = self_attention(blk, x, self.saliency_rows, first_patch)
-        k = max(1, round(self.ae_ratio * (x.shape[1] - first_patch)))
-        h = ops.ae_update(x, attn_out, saliency, self.ae.scale[layer], self.num_prefix, self.num_prompts, k)
-        return mlp_residual(blk, h)
+    def block(self, layer: int, blk: nn.Module, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+        """Block ``layer`` on ``x``, whose prompt rows already hold ``P_in[layer]``; its output's
+        prompt rows then become ``P_in[layer + 1]`` in place (CDC + DA). Doing the mix at the end
+        of a block, not the start of the next, keeps a checkpointed block from writing its input."""
+        if layer in self.ae_layers:
+            first_patch = self.num_prefix + self.num_prompts
+            attn_out, saliency = self_attention(blk, x, kernels, (self.saliency_rows, first_patch))
+            k = max(1, round(self.ae_ratio * (x.shape[1] - first_patch)))
+            h = kernels.ae_update(x + attn_out, saliency, self.ae.scale[layer], self.num_prefix, self.num_prompts, k)
+        else:
+            h = x + self_attention(blk, x, kernels)[0]
+        z = mlp_residual(blk, h)
+        if layer + 1 == self.depth:
+            return z
+        prompts = self.layer_prompts(layer + 1, z.shape[0])
+        if self.cdc:
+            return kernels.da_mix(z, prompts, self.da.weight[layer], self.da.bias[layer], self.num_prefix)
+        return replace_prompts(z, prompts, self.num_prefix)

@@ -1,9 +1,13 @@
 """VPT (Jia et al., ECCV 2022): shallow and deep visual prompts."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import partial
+
 import torch
 from torch import nn
 
+from ..backends import Kernels
 from .base import (PromptMethod, insert_prompts, mlp_residual, plain_block, prompt_keys_values,
                    remove_prompts, replace_prompts, self_attention)
 
@@ -28,8 +32,8 @@ class VPTShallow(_VPT):
     def __init__(self, **kwargs) -> None:
         super().__init__(prompt_layers=1, **kwargs)
 
-    def block(self, layer: int, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return plain_block(blk, x)
+    def block(self, layer: int, blk: nn.Module, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+        return plain_block(blk, x, kernels)
 
 
 class VPTDeep(_VPT):
@@ -45,17 +49,20 @@ class VPTDeep(_VPT):
     def __init__(self, **kwargs) -> None:
         super().__init__(prompt_layers=kwargs["depth"], **kwargs)
 
-    def forward(self, x: torch.Tensor, blocks: nn.Sequential, use_checkpoint: bool = False) -> torch.Tensor:
-        if self.fast_path("prompt_kv_attention", x.device):
-            return self.run_blocks(self.kv_only_block, x, blocks, use_checkpoint)
-        return super().forward(x, blocks, use_checkpoint)
+    def forward(self, x: torch.Tensor, blocks: nn.Sequential, use_checkpoint: bool = False,
+                collect: Sequence[int] = ()):
+        kernels = self.kernels(x, blocks)
+        if self.fast_path("prompt_kv_attention", kernels):
+            block = partial(self.kv_only_block, kernels=kernels)
+            return self.run_blocks(block, x, blocks, use_checkpoint, collect)
+        return super().forward(x, blocks, use_checkpoint, collect)
 
-    def block(self, layer: int, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def block(self, layer: int, blk: nn.Module, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
         if layer > 0:
             x = replace_prompts(x, self.layer_prompts(layer, x.shape[0]), self.num_prefix)
-        return plain_block(blk, x)
+        return plain_block(blk, x, kernels)
 
-    def kv_only_block(self, layer: int, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def kv_only_block(self, layer: int, blk: nn.Module, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
         """Block ``layer`` on ``x`` = [prefix, patches]: what the plain block gives those rows."""
         prompt_kv = prompt_keys_values(blk, self.layer_prompts(layer, 1).to(x.dtype))
-        return mlp_residual(blk, x + self_attention(blk, x, prompt_kv=prompt_kv)[0])
+        return mlp_residual(blk, x + self_attention(blk, x, kernels, prompt_kv=prompt_kv)[0])

@@ -1,9 +1,10 @@
-"""svpt's Triton backend: fused CDC+DA, flash attention with AE saliency, fused AE update, and
-the exact fast paths of VPT-deep (KV-only attention) and CVPT (folded cross-attention).
+"""svpt's Triton backend: row-local CDC+DA and AE, AE's saliency rows, flash attention, and the
+exact fast paths of VPT-deep (KV-only attention) and CVPT (folded cross-attention).
 
 Each op lives in its own module (kernels, launchers, autograd Function, torch.library op)
 and has exactly the signature of :mod:`svpt.reference`. On CPU the kernels run only under
 Triton's interpreter (``TRITON_INTERPRET=1``, for tests); ``"auto"`` uses them on CUDA only.
+What the kernels compute themselves and what svpt.backends hands over is declared below.
 """
 from __future__ import annotations
 
@@ -11,15 +12,35 @@ import torch
 
 from . import _common
 from .ae_update import ae_update
+from .attention_saliency import attention_saliency
 from .da_mix import da_mix
-from .folded_cross_attention import folded_cross_attention
+from .folded_cross_attention import FUSED_MAX_COLUMNS, folded_cross_attention
 from .prompt_attention import prompt_attention
 from .prompt_kv_attention import prompt_kv_attention
 
-__all__ = ["AUTO_DEVICE_TYPES", "FAST_PATHS", "ae_update", "da_mix", "folded_cross_attention",
-           "prompt_attention", "prompt_kv_attention", "why_unusable"]
+__all__ = ["AUTO_DEVICE_TYPES", "FAST_PATHS", "PREFER", "SUPPORTS", "ae_update", "attention_saliency", "da_mix",
+           "folded_cross_attention", "prompt_attention", "prompt_kv_attention", "why_unusable"]
 
 AUTO_DEVICE_TYPES = ("cuda",)
+_DEVICES = ("cuda", "cpu") if _common.INTERPRET else ("cuda",)
+_ALL = {"devices": _DEVICES, "dtypes": _common.KERNEL_DTYPES}
+_ATTENTION = {**_ALL, "limits": {"head_dim": 256}}  # head dims padded to a power of two in registers
+# What the kernels compute themselves; float64 (and the sizes past a limit) go to the reference.
+SUPPORTS = {
+    "da_mix": _ALL,
+    "ae_update": _ALL,
+    "attention_saliency": _ATTENTION,
+    "prompt_attention": _ATTENTION,
+    "prompt_kv_attention": _ATTENTION,
+    # Wider folds run as two cuBLAS products and a softmax, which is the reference's composition.
+    "folded_cross_attention": {**_ALL, "limits": {"logit_columns": FUSED_MAX_COLUMNS}},
+}
+# Measured faster than the kernels here: attention with nothing to fuse, in 16-bit on CUDA (cuDNN /
+# FlashAttention through SDPA).
+PREFER = {
+    "prompt_attention": [{"devices": ("cuda",), "dtypes": (torch.float16, torch.bfloat16), "use": "sdpa",
+                          "why": "cuDNN/FlashAttention attention is faster than the Triton kernel in 16-bit"}],
+}
 # The fast paths the methods use on this backend (see svpt.backends). The CVPT fold pays once
 # CVPT folds all blocks' weights in one batched product per step (host time 40.1 -> 31.2 ms,
 # so the step is no longer bound by the host): on an H200, M=10, 1.037x the no-prompt floor's

@@ -29,17 +29,18 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-def define_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
+def define_op(name: str, fake: Callable, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
     """Decorator registering ``fn`` as the torch.library op ``svpt::name``; returns a callable
     that runs the registered op when torch.compile/export trace it (or when given tensor
     subclasses: fake, functional), and ``fn`` itself in plain eager mode. The custom-op
     dispatch cost ~0.35 ms of host time per call (torch 2.11, H200 host; 23 ms of an SVPT step:
-    benchmarks/results/host_cprofile_h200_before.txt, gone in host_cprofile_h200.txt)."""
+    benchmarks/results/host_cprofile_h200_before.txt, gone in host_cprofile_h200.txt).
+    ``mutates_args`` names the arguments the op writes in place (the row-local ops)."""
     def wrap(fn):
         if USE_TRITON_OP:
-            op = torch.library.triton_op(f"svpt::{name}", fn, mutates_args=())
+            op = torch.library.triton_op(f"svpt::{name}", fn, mutates_args=mutates_args)
         else:
-            op = torch.library.custom_op(f"svpt::{name}", fn, mutates_args=())
+            op = torch.library.custom_op(f"svpt::{name}", fn, mutates_args=mutates_args)
             op.register_fake(fake)
 
         @functools.wraps(fn)
@@ -65,6 +66,13 @@ def launch(kernel):
 
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(n)
+
+
+def writable(grad: torch.Tensor) -> torch.Tensor:
+    """The incoming gradient, to be updated in place on the few rows an op changes: it is the
+    gradient of a buffer the op itself wrote in place (nothing else reads it after this backward);
+    an expanded or strided one (e.g. from ``sum().backward()``) is made dense first."""
+    return grad if grad.is_contiguous() else grad.contiguous()
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

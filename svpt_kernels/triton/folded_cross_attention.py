@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from . import _common
 from ._common import define_op, launch, next_pow2
@@ -232,6 +233,7 @@ class FoldedCrossAttentionFunction(torch.autograd.Function):
         return _folded_ca_op(x, w_logits, b_logits, w_values, bias, residual, add_x)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         x, w_logits, b_logits, w_values = ctx.saved_tensors
         dx, dwl, dbl, dwv, dbias = _folded_ca_backward_op(grad, x, w_logits, b_logits, w_values,
@@ -255,18 +257,7 @@ def _compute_dtype(*tensors):
 
 def folded_cross_attention(x, w_logits, b_logits, w_values, bias=None, residual=None):
     """Triton folded_cross_attention; same contract as :func:`svpt.ops.folded_cross_attention`."""
-    if w_logits.dim() != 3 or w_values.shape != w_logits.shape or x.shape[-1] != w_logits.shape[-1]:
-        raise ValueError(f"folded_cross_attention: w_logits {tuple(w_logits.shape)} and w_values "
-                         f"{tuple(w_values.shape)} must both be [H, M, d] with d = x.shape[-1] = {x.shape[-1]}")
-    if b_logits is not None and b_logits.shape != w_logits.shape[:2]:
-        raise ValueError(f"folded_cross_attention: b_logits {tuple(b_logits.shape)} must be "
-                         f"{tuple(w_logits.shape[:2])}")
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"folded_cross_attention: residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
     dtype = _compute_dtype(x, w_logits, w_values)
-    if dtype not in _common.KERNEL_DTYPES or next_pow2(w_logits.shape[0] * w_logits.shape[1]) > FUSED_MAX_COLUMNS:
-        from svpt import reference  # float64, or wider than the kernels are fast for: cuBLAS + softmax
-        return reference.folded_cross_attention(x, w_logits, b_logits, w_values, bias, residual)
     shape, width = x.shape, x.shape[-1]
     add_x = residual is x  # the kernel adds x itself and folds its gradient into dx
     flat = x.reshape(-1, width)

@@ -1,36 +1,28 @@
-"""prompt_attention: FlashAttention-style softmax attention that also emits AE's saliency.
+"""prompt_attention: FlashAttention-style softmax attention (forward and backward).
 
 Layout [B, T, H, D] with arbitrary outer strides (the q/k/v views of the qkv projection are
 read in place). The forward keeps a running max and sum per query row (online softmax) and
-stores the output and the row log-sum-exp; the T x T matrix never exists. The saliency
-(probabilities of a few query rows, averaged over heads and rows) is a second, cheap pass
-over only those rows that recomputes their probabilities from the final log-sum-exp.
-The backward recomputes the probabilities block by block: one kernel per key block
-accumulates dK and dV over all query blocks, one per query block accumulates dQ, so no
-reduction needs atomics. k/v with batch 1 (CVPT's prompts) are broadcast over the batch; their
-gradients are written per sample and summed afterwards. The forward and dQ kernels also take an
-optional leading key/value segment read from separate tensors (VPT-deep's prompt keys/values,
-see prompt_kv_attention.py); here it is empty.
+stores the output and the row log-sum-exp; the T x T matrix never exists. The backward
+recomputes the probabilities block by block: one kernel per key block accumulates dK and dV
+over all query blocks, one per query block accumulates dQ, so no reduction needs atomics. k/v
+with batch 1 (CVPT's prompts) are broadcast over the batch; their gradients are written per
+sample and summed afterwards. The forward and dQ kernels also take an optional leading
+key/value segment read from separate tensors (VPT-deep's prompt keys/values, see
+prompt_kv_attention.py); here it is empty.
 
 Any T (rows and columns are masked), head dims up to 256 (padded to a power of two with
-masked loads), fp32 inputs use full-fp32 products (``input_precision="ieee"``), and fp16/bf16
-probabilities are cast explicitly to the value dtype before the products that use them.
-
-Without saliency in fp16/bf16 on a GPU there is nothing to fuse, and PyTorch's own flash
-attention (SDPA; cuDNN on Hopper) is faster than these kernels (CVPT M=10 training step on an
-H200: 39.7 -> 38.4 ms of GPU kernel time per step, benchmarks/results/profile_step_h200*.txt), so
-that case goes to SDPA. With saliency the kernels stay: SDPA plus a separate pass over the
-saliency rows made the SVPT M=50 step slower (45.2 ms of kernel time against 42.6, from extra
-layout copies) and less exact in fp16. Not with batch-1 k/v either (CVPT's prompts): SDPA would
-need them expanded, and autograd would then sum their per-sample gradients in fp16/bf16 where
-the kernels sum fp32 ones.
+masked loads; the backend declares the limit), fp32 inputs use full-fp32 products
+(``input_precision="ieee"``), and fp16/bf16 probabilities are cast explicitly to the value
+dtype before the products that use them. AE's saliency is a separate op
+(attention_saliency.py); where PyTorch's SDPA is faster (16-bit on CUDA) the backend hands
+this op over to it (svpt_kernels/triton/__init__.py, PREFER).
 """
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from . import _common
 from ._common import define_op, last_dim_contiguous, launch, next_pow2
@@ -104,34 +96,6 @@ def _prompt_attention_fwd_kernel(
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + pid_bh.to(tl.int64) * Tq + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
-
-
-@triton.jit
-def _prompt_attention_saliency_kernel(
-        Q, K, LSE, SAL, qk_scale, H, Tq, Tk, row_start, row_count, col_start,
-        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-        D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-        IEEE: tl.constexpr):
-    pid_n = tl.program_id(0)
-    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64
-    b = tl.program_id(1).to(tl.int64)
-    offs_n = col_start + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < Tk
-    offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < D
-    total = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for h in range(0, H):
-        kt = tl.load(K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None],
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        for r0 in range(0, row_count, BLOCK_R):
-            r_ok = (r0 + tl.arange(0, BLOCK_R)) < row_count
-            rows = row_start + r0 + tl.arange(0, BLOCK_R)
-            q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :],
-                        mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-            lse = tl.load(LSE + (b * H + h) * Tq + rows, mask=r_ok, other=0.0)
-            p = tl.math.exp2(_dot(q, kt, IEEE) * qk_scale - lse[:, None])
-            total += tl.sum(tl.where(r_ok[:, None] & n_ok[None, :], p, 0.0), axis=0)
-    tl.store(SAL + b * (Tk - col_start) + offs_n - col_start, total / (H * row_count), mask=n_ok)
 
 
 @triton.jit
@@ -308,31 +272,16 @@ def attention_forward(q, k, v, scale, prompt_k=None, prompt_v=None):
     return out, lse
 
 
-def _fwd_fake(q, k, v, scale, row_start, row_count, col_start):
+def _fwd_fake(q, k, v, scale):
     batch, tq, heads, _ = q.shape
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = q.new_empty((batch, heads, tq), dtype=torch.float32)
-    saliency = q.new_empty((batch, k.shape[1] - col_start) if row_count > 0 else (0,), dtype=torch.float32)
-    return out, lse, saliency
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty((batch, heads, tq), dtype=torch.float32))
 
 
 @define_op("prompt_attention", _fwd_fake)
-def _prompt_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                         row_start: int, row_count: int,
-                         col_start: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch, tq, heads, dim = q.shape
-    tk = k.shape[1]
-    out, lse = attention_forward(q, k, v, scale)
-    if row_count == 0:
-        return out, lse, torch.empty((0,), dtype=torch.float32, device=q.device)
-    saliency = torch.empty((batch, tk - col_start), dtype=torch.float32, device=q.device)
-    block_s = 16 if _common.INTERPRET else 64
-    launch(_prompt_attention_saliency_kernel)[(triton.cdiv(tk - col_start, block_s), batch)](
-        q, k, lse, saliency, scale * _LOG2E, heads, tq, tk, row_start, row_count, col_start,
-        q.stride(0), q.stride(1), q.stride(2), _kv_batch_stride(k), k.stride(1), k.stride(2),
-        D=dim, D_PAD=max(16, next_pow2(dim)), BLOCK_R=16, BLOCK_N=block_s,
-        IEEE=q.dtype == torch.float32, num_warps=1 if _common.INTERPRET else 4)
-    return out, lse, saliency
+def _prompt_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, scale)
 
 
 def _key_value_grads(q, k, v, grad_out, lse, delta, scale, cfg):
@@ -404,56 +353,31 @@ class PromptAttentionFunction(torch.autograd.Function):
     (O(T) per row), never the probabilities."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, row_start, row_count, col_start):
-        out, lse, saliency = _prompt_attention_op(q, k, v, scale, row_start, row_count, col_start)
+    def forward(ctx, q, k, v, scale):
+        out, lse = _prompt_attention_op(q, k, v, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale = scale
-        ctx.mark_non_differentiable(lse, saliency)
-        return out, lse, saliency
+        ctx.mark_non_differentiable(lse)
+        return out, lse
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_lse, _grad_saliency):
+    @once_differentiable
+    def backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _prompt_attention_backward_op(grad_out, q, k, v, out, lse, ctx.scale)
         need = ctx.needs_input_grad
-        return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-                None, None, None, None)
+        return dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None
 
 
-def _check(q, k, v, saliency_rows, saliency_cols):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("prompt_attention: q, k, v must be [B, T, H, D]")
-    batch, tq, heads, dim = q.shape
-    if k.shape != v.shape or k.shape[0] not in (1, batch) or k.shape[2:] != (heads, dim) or k.shape[1] < 1:
-        raise ValueError(f"prompt_attention: k {tuple(k.shape)} / v {tuple(v.shape)} must be "
-                         f"[1 or {batch}, Tk >= 1, {heads}, {dim}] for q {tuple(q.shape)}")
-    if dim > 256:
-        raise ValueError(f"prompt_attention: head dim {dim} > 256 is not supported by the Triton kernels")
-    if saliency_rows is not None:
-        start, count = saliency_rows
-        if count < 1 or start < 0 or start + count > tq or not 0 <= saliency_cols < k.shape[1]:
-            raise ValueError(f"prompt_attention: saliency rows {saliency_rows} / cols {saliency_cols} "
-                             f"out of range for Tq={tq}, Tk={k.shape[1]}")
+def common_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
-def _sdpa(q, k, v, scale):
-    """Plain attention through PyTorch's SDPA (layout [B, H, T, D] views); no saliency."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
-    return out.transpose(1, 2), None
-
-
-def prompt_attention(q, k, v, scale, saliency_rows=None, saliency_cols=0):
+def prompt_attention(q, k, v, scale):
     """Triton prompt_attention; same contract as :func:`svpt.ops.prompt_attention`."""
-    _check(q, k, v, saliency_rows, saliency_cols)
-    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    if (saliency_rows is None and dtype in (torch.float16, torch.bfloat16) and k.shape[0] == q.shape[0]
-            and q.is_cuda and not _common.INTERPRET):
-        return _sdpa(*(t.to(dtype) for t in (q, k, v)), float(scale))
-    if dtype not in _common.KERNEL_DTYPES:
-        from svpt import reference  # float64 and others: the kernels are written for fp32/fp16/bf16
-        return reference.prompt_attention(q, k, v, scale, saliency_rows, saliency_cols)
+    dtype = common_dtype(q, k, v)
     q, k, v = (last_dim_contiguous(t.to(dtype)) for t in (q, k, v))
-    start, count = saliency_rows if saliency_rows is not None else (0, 0)
-    out, _lse, saliency = PromptAttentionFunction.apply(q, k, v, float(scale), int(start), int(count),
-                                                        int(saliency_cols))
-    return out, (saliency if saliency_rows is not None else None)
+    return PromptAttentionFunction.apply(q, k, v, float(scale))[0]

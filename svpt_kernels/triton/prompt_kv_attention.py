@@ -12,9 +12,10 @@ from typing import Tuple
 
 import torch
 
-from . import _common
+from torch.autograd.function import once_differentiable
+
 from ._common import define_op, last_dim_contiguous
-from .prompt_attention import attention_backward, attention_forward
+from .prompt_attention import attention_backward, attention_forward, common_dtype
 
 __all__ = ["prompt_kv_attention", "PromptKVAttentionFunction"]
 
@@ -57,34 +58,14 @@ class PromptKVAttentionFunction(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out, _grad_lse):
         grads = _prompt_kv_attention_backward_op(grad_out, *ctx.saved_tensors, ctx.scale)
         return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None)
 
 
-def _check(q, k, v, prompt_k, prompt_v):
-    if any(t.dim() != 4 for t in (q, k, v, prompt_k, prompt_v)):
-        raise ValueError("prompt_kv_attention: q, k, v, prompt_k, prompt_v must be [B, T, H, D]")
-    batch, tq, heads, dim = q.shape
-    if k.shape != v.shape or k.shape[0] != batch or k.shape[2:] != (heads, dim):
-        raise ValueError(f"prompt_kv_attention: k {tuple(k.shape)} / v {tuple(v.shape)} must be "
-                         f"[{batch}, Tk, {heads}, {dim}] for q {tuple(q.shape)}")
-    if (prompt_k.shape != prompt_v.shape or prompt_k.shape[0] not in (1, batch)
-            or prompt_k.shape[2:] != (heads, dim) or prompt_k.shape[1] + k.shape[1] < 1):
-        raise ValueError(f"prompt_kv_attention: prompt_k {tuple(prompt_k.shape)} / prompt_v "
-                         f"{tuple(prompt_v.shape)} must be [1 or {batch}, M, {heads}, {dim}]")
-    if dim > 256:
-        raise ValueError(f"prompt_kv_attention: head dim {dim} > 256 is not supported by the Triton kernels")
-
-
 def prompt_kv_attention(q, k, v, prompt_k, prompt_v, scale):
     """Triton prompt_kv_attention; same contract as :func:`svpt.ops.prompt_kv_attention`."""
-    _check(q, k, v, prompt_k, prompt_v)
-    dtype = q.dtype
-    for t in (k, v, prompt_k, prompt_v):
-        dtype = torch.promote_types(dtype, t.dtype)
-    if dtype not in _common.KERNEL_DTYPES:
-        from svpt import reference  # float64 and others: the kernels are written for fp32/fp16/bf16
-        return reference.prompt_kv_attention(q, k, v, prompt_k, prompt_v, scale)
+    dtype = common_dtype(q, k, v, prompt_k, prompt_v)
     tensors = (last_dim_contiguous(t.to(dtype)) for t in (q, k, v, prompt_k, prompt_v))
     return PromptKVAttentionFunction.apply(*tensors, float(scale))[0]
