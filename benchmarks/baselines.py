@@ -3,6 +3,9 @@
 * ``NoPromptFloor``: the frozen timm ViT with no prompts; one trainable vector is added to
   every input token so that backward runs through all blocks, as it must for prompts.
   Nothing a prompt method does can cost less.
+* ``TimmVPTShallow``: the token floor: M prompts inserted once after the prefix tokens and carried
+  through timm's own blocks; what the extra tokens alone cost. No method that keeps M prompt
+  tokens in the sequence can cost less without making the backbone itself cheaper.
 * ``TimmVPTDeep``: VPT-deep the usual way: ``torch.cat`` the prompts into the sequence and
   call timm's own blocks (PyTorch SDPA).
 * ``PlainSVPT``: the best SVPT a skilled user writes in plain PyTorch: SDPA for the attention
@@ -37,6 +40,19 @@ class NoPromptFloor(nn.Module):
         vit = self.vit
         x = vit._pos_embed(vit.patch_embed(images)) + self.delta
         return _features_head(vit, vit.blocks(x))
+
+
+class TimmVPTShallow(nn.Module):
+    def __init__(self, vit: nn.Module, num_prompts: int) -> None:
+        super().__init__()
+        self.vit = _frozen(vit)
+        self.prompts = nn.Parameter(torch.empty(1, num_prompts, vit.embed_dim).uniform_(-0.06, 0.06))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        vit, n_p, m = self.vit, self.vit.num_prefix_tokens, self.prompts.shape[1]
+        x = vit._pos_embed(vit.patch_embed(images))
+        x = vit.blocks(torch.cat([x[:, :n_p], self.prompts.expand(x.shape[0], -1, -1), x[:, n_p:]], 1))
+        return _features_head(vit, torch.cat([x[:, :n_p], x[:, n_p + m:]], 1))
 
 
 class TimmVPTDeep(nn.Module):

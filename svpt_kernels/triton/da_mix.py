@@ -48,7 +48,7 @@ def _da_mix_fwd_kernel(TOK, PROMPT, W, BIAS, PREV, d, num_prefix, M,
 
 
 @triton.jit
-def _da_mix_bwd_kernel(GRAD, PREV, PROMPT, W, BIAS, GRAD_PROMPT_ROWS, GRAD_LOGIT, d, num_prefix, M,
+def _da_mix_bwd_kernel(GRAD, PREV, PROMPT, W, BIAS, GRAD_PROMPT_ROWS, GRAD_PARAM_PART, d, num_prefix, M,
                        stride_gb, stride_gt, stride_pb, stride_pm,
                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -67,9 +67,13 @@ def _da_mix_bwd_kernel(GRAD, PREV, PROMPT, W, BIAS, GRAD_PROMPT_ROWS, GRAD_LOGIT
     grad_x = gate[:, None] * go + grad_logit[:, None] * w0[None, :]
     tl.store(rows, grad_x.to(GRAD.dtype.element_ty), mask=ok)
     grad_p = (1.0 - gate[:, None]) * go + grad_logit[:, None] * w1[None, :]
-    # Per-sample rows, summed over a broadcast prompt batch afterwards: deterministic, no atomics.
+    # Per-sample rows, summed over a broadcast prompt batch afterwards; the gate parameters'
+    # gradients as one partial row [dw0, dw1, db] per program, summed afterwards: no atomics.
     tl.store(GRAD_PROMPT_ROWS + (b * M + m[:, None]) * d + cols[None, :], grad_p, mask=ok)
-    tl.store(GRAD_LOGIT + b * M + m, grad_logit, mask=m < M)
+    part = GRAD_PARAM_PART + (b * tl.num_programs(0) + pid_m) * (2 * d + 1)
+    tl.store(part + cols, tl.sum(grad_logit[:, None] * x, axis=0), mask=col_ok)
+    tl.store(part + d + cols, tl.sum(grad_logit[:, None] * p, axis=0), mask=col_ok)
+    tl.store(part + 2 * d, tl.sum(grad_logit, axis=0))
 
 
 def _grid(batch: int, num_prompts: int, width: int) -> tuple[tuple[int, int], dict]:
@@ -113,22 +117,17 @@ def _da_mix_backward_op(grad: torch.Tensor, prev: torch.Tensor, prompts: torch.T
     gradients of prompts, weight and bias."""
     batch, _, width = grad.shape
     num_prompts = prompts.shape[1]
-    grad_prompt_rows = torch.empty((batch, num_prompts, width), dtype=torch.float32, device=grad.device)
-    grad_logit = torch.empty((batch, num_prompts), dtype=torch.float32, device=grad.device)
+    grad_prompts = torch.empty((batch, num_prompts, width), dtype=torch.float32, device=grad.device)
     grid, meta = _grid(batch, num_prompts, width)
+    part = torch.empty((grid[0] * batch, 2 * width + 1), dtype=torch.float32, device=grad.device)
     launch(_da_mix_bwd_kernel)[grid](
-        grad, prev, prompts, weight, bias, grad_prompt_rows, grad_logit, width, num_prefix, num_prompts,
+        grad, prev, prompts, weight, bias, grad_prompts, part, width, num_prefix, num_prompts,
         grad.stride(0), grad.stride(1), _prompt_batch_stride(prompts), prompts.stride(1), **meta)
-    grad_w0 = (grad_logit.unsqueeze(-1) * prev.float()).sum(dim=(0, 1))
     if prompts.shape[0] == 1:
-        grad_prompts = grad_prompt_rows.sum(dim=0, keepdim=True)
-        grad_w1 = (grad_logit.sum(0).unsqueeze(-1) * prompts[0].float()).sum(dim=0)
-    else:
-        grad_prompts = grad_prompt_rows
-        grad_w1 = (grad_logit.unsqueeze(-1) * prompts.float()).sum(dim=(0, 1))
-    grad_weight = torch.stack([grad_w0, grad_w1]).to(weight.dtype)
-    grad_bias = grad_logit.sum().reshape(bias.shape).to(bias.dtype)
-    return grad_prompts.to(prompts.dtype), grad_weight, grad_bias
+        grad_prompts = grad_prompts.sum(dim=0, keepdim=True)
+    params = part.sum(dim=0)
+    grad_weight = params[:2 * width].view(2, width).to(weight.dtype)
+    return grad_prompts.to(prompts.dtype), grad_weight, params[2 * width].reshape(bias.shape).to(bias.dtype)
 
 
 class DaMixFunction(torch.autograd.Function):

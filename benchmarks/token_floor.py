@@ -1,0 +1,159 @@
+"""svpt's fused methods against what users would otherwise run, in one run on one GPU.
+
+    PYTHONPATH=. python benchmarks/token_floor.py --out benchmarks/results/token_floor_h200
+    PYTHONPATH=. python benchmarks/token_floor.py --img 512 --batch 16 --rows token-floor,plain-svpt,svpt \\
+        --out benchmarks/results/token_floor_512_h200
+
+A training step is forward + backward + SGD under bf16 autocast (ViT-B/16, random init), timed
+with CUDA events; the median of ``--iters`` steps after warm-up (compilation included in the
+warm-up), and the allocator's peak over the timed steps. Rows, each not compiled and compiled:
+the frozen backbone with no prompts (one trainable token added), the token floor (VPT-shallow
+with the same M prompts through timm's blocks), timm VPT-deep with SDPA, a plain-PyTorch SVPT
+with SDPA, and svpt's SVPT, VPT-deep and CVPT on the selected backend. Ratios are taken inside
+this run. ``--profile`` adds each row's GPU kernel time per step, grouped (torch.profiler).
+Writes OUT.json and OUT.txt.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import svpt  # noqa: E402
+from baselines import NoPromptFloor, PlainSVPT, TimmVPTDeep, TimmVPTShallow  # noqa: E402
+
+
+def vit(img: int):
+    import timm
+    torch.manual_seed(0)
+    return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100, img_size=img)
+
+
+ROWS = {  # name -> (factory(img, M), uses svpt's backend)
+    "no-prompts": (lambda img, m: NoPromptFloor(vit(img)), False),
+    "token-floor": (lambda img, m: TimmVPTShallow(vit(img), m), False),
+    "timm-vpt-deep": (lambda img, m: TimmVPTDeep(vit(img), m), False),
+    "plain-svpt": (lambda img, m: PlainSVPT(vit(img), m), False),
+    "svpt": (lambda img, m: svpt.prompt(vit(img), "svpt", m), True),
+    "vpt-deep": (lambda img, m: svpt.prompt(vit(img), "vpt-deep", m), True),
+    "cvpt": (lambda img, m: svpt.prompt(vit(img), "cvpt", 10), True),
+}
+
+
+def make_step(model, images, labels, compiled: bool):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+
+    def loss_fn():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return torch.nn.functional.cross_entropy(model(images), labels)
+
+    forward = torch.compile(loss_fn) if compiled else loss_fn
+
+    def step():
+        loss = forward()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def kernel_ms(step, steps: int = 5) -> dict[str, float]:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    out = {}
+    for evt in prof.key_averages():
+        dev = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+        if evt.device_type == torch.autograd.DeviceType.CUDA and dev > 0:
+            out[evt.key] = dev / 1000 / steps
+    return out
+
+
+def measure(name: str, compiled: bool, args, images, labels) -> dict:
+    factory, _ = ROWS[name]
+    model = factory(args.img, args.num_prompts).cuda()
+    step = make_step(model, images, labels, compiled)
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    row = {"row": name, "compiled": compiled, "median_ms": statistics.median(times), "min_ms": min(times),
+           "max_ms": max(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    if args.profile:
+        kernels = kernel_ms(step)
+        row["gpu_ms"] = sum(kernels.values())
+        row["top_kernels"] = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    del model, step
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--compiled", choices=("no", "yes", "both"), default="both")
+    parser.add_argument("--img", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--num-prompts", type=int, default=50)
+    parser.add_argument("--iters", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.txt")
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True  # bf16 autocast: fp32 leftovers as users run them
+    svpt.set_backend(args.backend)
+    images = torch.randn(args.batch, 3, args.img, args.img, device="cuda")
+    labels = torch.randint(0, 100, (args.batch,), device="cuda")
+    modes = {"no": (False,), "yes": (True,), "both": (False, True)}[args.compiled]
+    rows = []
+    for compiled in modes:
+        for name in args.rows.split(","):
+            rows.append(measure(name, compiled, args, images, labels))
+            r = rows[-1]
+            print(f"  {name:<14} {'compiled' if compiled else 'eager   '} {r['median_ms']:7.2f} ms "
+                  f"{r['peak_gib']:6.2f} GiB" + (f"  GPU {r['gpu_ms']:.2f} ms" if args.profile else ""), flush=True)
+    lines = [f"$ PYTHONPATH=. python {' '.join(sys.argv)}",
+             f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {__import__('triton').__version__}, "
+             f"ViT-B/16 {args.img}px, batch {args.batch}, M={args.num_prompts} (CVPT M=10), bf16 autocast, "
+             f"fwd+bwd+SGD, median of {args.iters}, svpt backend {args.backend}",
+             f"{'row':<14} {'mode':<9} {'ms/step':>8} {'img/s':>7} {'peak GiB':>8} {'x floor':>8} {'x no-pr':>8} {'mem x fl':>8}"]
+    for r in rows:
+        same = {x["row"]: x for x in rows if x["compiled"] == r["compiled"]}
+        floor, bare = same.get("token-floor"), same.get("no-prompts")
+        ratio = lambda base, key: f"{r[key] / base[key]:8.3f}" if base else f"{'-':>8}"  # noqa: E731
+        lines.append(f"{r['row']:<14} {'compiled' if r['compiled'] else 'eager':<9} {r['median_ms']:8.2f} "
+                     f"{args.batch / r['median_ms'] * 1000:7.0f} {r['peak_gib']:8.2f} {ratio(floor, 'median_ms')} "
+                     f"{ratio(bare, 'median_ms')} {ratio(floor, 'peak_gib')}")
+    if args.profile:
+        for r in rows:
+            lines.append(f"\n{r['row']} ({'compiled' if r['compiled'] else 'eager'}): GPU kernels {r['gpu_ms']:.2f} ms/step")
+            lines += [f"    {ms:6.3f} ms  {k[:100]}" for k, ms in r["top_kernels"]]
+    text = "\n".join(lines)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".txt").write_text(text + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps({"command": lines[0], "setup": lines[1], "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
