@@ -50,7 +50,8 @@ class SVPT(_VPT):
         if layer in self.ae_layers:
             first_patch = self.num_prefix + self.num_prompts
             attn_out, saliency = self_attention(blk, x, kernels, (self.saliency_rows, first_patch))
-            k = max(1, round(self.ae_ratio * (x.shape[1] - first_patch)))
+            # int(): a plain number under torch.jit.trace too, where shapes are traced tensors
+            k = max(1, round(self.ae_ratio * (int(x.shape[1]) - first_patch)))
             h = kernels.ae_update(x + attn_out, saliency, self.ae.scale[layer], self.num_prefix, self.num_prompts, k)
         else:
             h = x + self_attention(blk, x, kernels)[0]

@@ -127,7 +127,9 @@ def _da_mix_backward_op(grad: torch.Tensor, prev: torch.Tensor, prompts: torch.T
         grad_prompts = grad_prompts.sum(dim=0, keepdim=True)
     params = part.sum(dim=0)
     grad_weight = params[:2 * width].view(2, width).to(weight.dtype)
-    return grad_prompts.to(prompts.dtype), grad_weight, params[2 * width].reshape(bias.shape).to(bias.dtype)
+    # a copy: a custom op's outputs must not alias each other (grad_weight may be a view of params)
+    grad_bias = params[2 * width].reshape(bias.shape).to(bias.dtype, copy=True)
+    return grad_prompts.to(prompts.dtype), grad_weight, grad_bias
 
 
 class DaMixFunction(torch.autograd.Function):
