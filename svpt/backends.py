@@ -11,7 +11,8 @@ declares, as plain data (kernel modules never import :mod:`svpt`):
 ``PREFER``
     ``{op: [{"devices": ..., "dtypes": ..., "use": implementation, "why": reason}, ...]}``:
     cases inside ``SUPPORTS`` where another implementation was measured faster (e.g. PyTorch's
-    SDPA for 16-bit attention on CUDA); also a hand-over, declared and visible.
+    SDPA for 16-bit attention on CUDA); also a hand-over, declared and visible. A rule marked
+    ``"nondeterministic": True`` is skipped under ``torch.use_deterministic_algorithms(True)``.
 ``FAST_PATHS``
     the exact fast-path ops (``prompt_kv_attention``, ``folded_cross_attention``) the methods
     should use on it instead of their plain path; a tuple, or ``{device type: tuple}``.
@@ -46,7 +47,7 @@ __all__ = ["Implementation", "Kernels", "OPS", "available_backends", "backend", 
 # The ops of svpt.ops. The attention-like ones route on the dtype their products run in.
 OPS = ("da_mix", "prompt_attention", "attention_saliency", "ae_update", "prompt_kv_attention",
        "folded_cross_attention")
-_PRODUCT_OPS = ("prompt_attention", "attention_saliency", "prompt_kv_attention")
+_PRODUCT_OPS = ("prompt_attention", "attention_saliency", "prompt_kv_attention", "folded_cross_attention")
 REFERENCE = "eager"
 
 
@@ -208,8 +209,9 @@ def _matches(rule: dict, device_type: str, dtype: torch.dtype) -> bool:
 def _route(backend_name: str, op: str, device_type: str, dtype: torch.dtype, sizes: dict) -> tuple[str, str | None]:
     """(implementation name, why handed over or None) for ``op`` on the backend's declarations."""
     module = _REGISTRY[backend_name].load()
+    deterministic = torch.are_deterministic_algorithms_enabled()
     for rule in getattr(module, "PREFER", {}).get(op, ()):
-        if _matches(rule, device_type, dtype):
+        if _matches(rule, device_type, dtype) and not (deterministic and rule.get("nondeterministic")):
             return rule["use"], f"{backend_name} prefers {rule['use']} here: {rule['why']}"
     supports = getattr(module, "SUPPORTS", None)
     if supports is None:
@@ -297,7 +299,8 @@ def kernels(device: torch.device, dtype: torch.dtype, **sizes: int) -> Kernels:
     product = dtype
     if dtype != torch.float64 and torch.is_autocast_enabled(device.type):
         product = torch.get_autocast_dtype(device.type)
-    key = (device, dtype, product, tuple(sorted(sizes.items())), _current, _fast_paths_on)
+    key = (device, dtype, product, tuple(sorted(sizes.items())), _current, _fast_paths_on,
+           torch.are_deterministic_algorithms_enabled())
     found = _KERNELS.get(key)
     if found is None:
         found = _KERNELS[key] = Kernels(device, dtype, product, sizes)

@@ -23,7 +23,10 @@ __all__ = ["AUTO_DEVICE_TYPES", "FAST_PATHS", "PREFER", "SUPPORTS", "ae_update",
 
 AUTO_DEVICE_TYPES = ("cuda",)
 _DEVICES = ("cuda", "cpu") if _common.INTERPRET else ("cuda",)
-_ALL = {"devices": _DEVICES, "dtypes": _common.KERNEL_DTYPES}
+# Triton's CPU interpreter gets bfloat16 wrong (tl.dot returns garbage, fp32 -> bf16 casts truncate): there
+# bf16 goes to the reference.
+_DTYPES = (torch.float32, torch.float16) if _common.INTERPRET else _common.KERNEL_DTYPES
+_ALL = {"devices": _DEVICES, "dtypes": _DTYPES}
 _ATTENTION = {**_ALL, "limits": {"head_dim": 256}}  # head dims padded to a power of two in registers
 # What the kernels compute themselves; float64 (and the sizes past a limit) go to the reference.
 SUPPORTS = {
@@ -36,10 +39,14 @@ SUPPORTS = {
     "folded_cross_attention": {**_ALL, "limits": {"logit_columns": FUSED_MAX_COLUMNS}},
 }
 # Measured faster than the kernels here: attention with nothing to fuse, in 16-bit on CUDA (cuDNN /
-# FlashAttention through SDPA).
+# FlashAttention through SDPA): at ViT-B/16, batch 128, M=50 on an H200, cuDNN's forward and backward
+# take 4.0 ms per step (benchmarks/results/token_floor_h200_run0_profile.txt) where the Triton kernels
+# took 6.0 (forward 1.45, dQ 1.45, dK/dV 2.73, delta 0.36). Their backward may accumulate with
+# atomics, so under torch.use_deterministic_algorithms(True) the kernels run.
 PREFER = {
     "prompt_attention": [{"devices": ("cuda",), "dtypes": (torch.float16, torch.bfloat16), "use": "sdpa",
-                          "why": "cuDNN/FlashAttention attention is faster than the Triton kernel in 16-bit"}],
+                          "why": "cuDNN/FlashAttention attention is faster than the Triton kernel in 16-bit",
+                          "nondeterministic": True}],
 }
 # The fast paths the methods use on this backend (see svpt.backends). The CVPT fold pays once
 # CVPT folds all blocks' weights in one batched product per step (host time 40.1 -> 31.2 ms,
