@@ -1,11 +1,12 @@
 """Prompt-only checkpoints: the trainable tensors under METHOD.md's keys, in safetensors."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from collections import OrderedDict
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -14,7 +15,8 @@ from safetensors.torch import save as save_safetensors
 
 from .prompting import classifier_modules, is_prompted
 
-__all__ = ["load_prompt_state_dict", "load_prompts", "prompt_state_dict", "save_prompts"]
+__all__ = ["backbone_fingerprint", "backbone_identity", "check_backbone", "load_prompt_state_dict", "load_prompts",
+           "prompt_state_dict", "read_prompt_metadata", "save_prompts", "save_prompts_with_run"]
 
 _FORMAT = "svpt-prompts-1"
 
@@ -94,8 +96,7 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
 def save_prompts(model, path: str | os.PathLike) -> None:
     """Write the prompt state dict to ``path`` (safetensors) atomically: a crash leaves the
     previous file intact, never a half-written one."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in prompt_state_dict(model).items()}
-    atomic_write(path, save_safetensors(tensors, metadata=_metadata(model)))
+    save_prompts_with_run(model, path, None)
 
 
 def load_prompts(model, path: str | os.PathLike) -> None:
@@ -111,6 +112,7 @@ def load_prompts(model, path: str | os.PathLike) -> None:
         raise ValueError(f"{os.fspath(path)!r} is not a readable safetensors prompt checkpoint: {exc}") from exc
     if saved.get("format") != _FORMAT:
         raise ValueError(f"{os.fspath(path)!r} is not an svpt prompt checkpoint (no '{_FORMAT}' metadata)")
+    check_backbone(saved, model, path)
     expected = _metadata(model)
     for field in ("method", "num_prompts", "options"):
         if saved.get(field) != expected[field]:
@@ -118,3 +120,81 @@ def load_prompts(model, path: str | os.PathLike) -> None:
                              f"{field}={expected[field]}; prompt the model the same way, or load the tensors "
                              "with svpt.load_prompt_state_dict to bypass this check")
     load_prompt_state_dict(model, tensors)
+
+
+# ---------------------------------------------------------------- what a checkpoint was made for
+_FINGERPRINT_ATTR = "_svpt_backbone_fingerprint"
+
+
+def _backbone_tensors(model) -> list[tuple[str, torch.Tensor]]:
+    """The frozen backbone's state: the model's state dict without prompts and classifier heads."""
+    heads = tuple(f"{name}." for name in classifier_modules(model))
+    return [(k, v) for k, v in model.state_dict(keep_vars=True).items()
+            if not k.startswith(("prompter.", *heads))]
+
+
+def backbone_fingerprint(model) -> str:
+    """SHA-256 over the backbone's tensors (names, shapes, dtypes and bytes), prompts and
+    heads excluded. Cached on the model until one of those tensors is replaced or changed
+    in place (``Tensor._version``), so saving every epoch does not re-hash the backbone."""
+    tensors = _backbone_tensors(model)
+    key = tuple((k, v.data_ptr(), v._version, v.dtype, str(v.device)) for k, v in tensors)
+    cached = model.__dict__.get(_FINGERPRINT_ATTR)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    digest = hashlib.sha256()
+    for name, value in tensors:
+        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype};".encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    model.__dict__[_FINGERPRINT_ATTR] = (key, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def backbone_identity(model) -> dict[str, str]:
+    """``backbone`` (timm's model name) and ``backbone_fingerprint`` (of its weights)."""
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+    return {"backbone": name, "backbone_fingerprint": backbone_fingerprint(model)}
+
+
+def check_backbone(saved: Mapping[str, str], model, path: str | os.PathLike) -> None:
+    """Refuse prompts saved for another backbone (name or weights); checkpoints written
+    before svpt recorded the backbone carry no identity and pass."""
+    if "backbone_fingerprint" not in saved:
+        return
+    ours = backbone_identity(model)
+    if (saved.get("backbone"), saved["backbone_fingerprint"]) != (ours["backbone"], ours["backbone_fingerprint"]):
+        same = " (same architecture, other weights)" if saved.get("backbone") == ours["backbone"] else ""
+        raise ValueError(f"{os.fspath(path)!r} holds prompts trained on backbone {saved.get('backbone')} "
+                         f"(weights fingerprint {saved['backbone_fingerprint'][:12]}); this model is "
+                         f"{ours['backbone']} (weights fingerprint {ours['backbone_fingerprint'][:12]}){same}: "
+                         "prompts do not transfer between backbones; load the tensors with "
+                         "svpt.load_prompt_state_dict to bypass this check")
+
+
+def save_prompts_with_run(model, path: str | os.PathLike, run: Mapping[str, Any] | None) -> None:
+    """:func:`save_prompts`, plus ``run`` (JSON: protocol, splits, epoch, how it was selected)
+    in the file's metadata when given. Every checkpoint names its backbone (timm name and
+    weights fingerprint), which :func:`load_prompts` checks."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in prompt_state_dict(model).items()}
+    metadata = {**_metadata(model), **backbone_identity(model)}
+    if run is not None:
+        metadata["run"] = json.dumps(dict(run), sort_keys=True)
+    atomic_write(path, save_safetensors(tensors, metadata=metadata))
+
+
+def read_prompt_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a prompt checkpoint, ``options`` and ``run`` decoded from JSON; the
+    tensors are not read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), "pt") as f:
+            meta = dict(f.metadata() or {})
+    except (OSError, SafetensorError) as exc:
+        raise ValueError(f"{os.fspath(path)!r} is not a safetensors prompt checkpoint: {exc}") from None
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"{os.fspath(path)!r} is not an svpt prompt checkpoint (no '{_FORMAT}' metadata)")
+    for key in ("options", "run"):
+        if key in meta:
+            meta[key] = json.loads(meta[key])
+    return meta

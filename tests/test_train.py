@@ -15,11 +15,12 @@ from svpt.cli import main
 from svpt.training import ConfigError
 from svpt.training.backbone import create_backbone, load_weights
 
-from test_data import make_folder, make_vtab
+from test_data import make_fgvc, make_folder, make_vtab
 
-# A tiny timm ViT: 2 blocks, width 32, 4 tokens of 8x8 pixels at 16 px.
+# A tiny timm ViT: 2 blocks, width 32, 4 tokens of 8x8 pixels at 16 px; the eager backend, so
+# that these tests of the training machinery do not depend on a compiled extension.
 TINY = ["--model", "test_vit", "--model-kwargs", "patch_size=8", "depth=2", "embed_dim=32",
-        "--img-size", "16", "--threads", "1", "--progress", "lines"]
+        "--img-size", "16", "--threads", "1", "--progress", "lines", "--backend", "eager"]
 TINY_KW = dict(patch_size=8, depth=2, embed_dim=32)
 TIMING = {"img_per_s", "data_wait_s", "train_s", "eval_s"}
 
@@ -35,46 +36,57 @@ def epochs(run_dir):
         return [json.loads(line) for line in f]
 
 
+def result(run_dir):
+    with open(os.path.join(run_dir, "result.json")) as f:
+        return json.load(f)
+
+
 # ---------------------------------------------------------------- the default run
 def test_default_data_learns_and_eval_scores_the_saved_prompts(tmp_path, capsys):
     run = str(tmp_path / "run")
     code, out, _ = svpt(capsys, "train", "--output", run, "--epochs", "2", "--limit-train", "1024",
                         "--progress", "lines")
     assert code == 0
+    assert "protocol final (VPT): train on train+val, evaluate test once, after the last epoch" in out
     rows = epochs(run)
-    assert [r["epoch"] for r in rows] == [1, 2]
-    assert rows[-1]["eval_acc"] > 0.45, out  # 4 classes: chance is 0.25
-    assert rows[-1]["eval_images"] == 512 and rows[-1]["train_images"] == 1024
-    assert "img/s eta" in out and "best eval accuracy" in out
-    for name in ("config.json", "metrics.csv", "steps.jsonl", "resume.pt", "prompts_last.safetensors",
-                 "prompts_best.safetensors"):
+    assert [r["epoch"] for r in rows] == [1, 2] and all("eval_acc" not in r for r in rows)  # test read once
+    got = result(run)
+    assert got["protocol"] == "final" and got["metric"] == "test accuracy after the last epoch (2)"
+    assert got["accuracy"] > 0.45, out  # 4 classes: chance is 0.25
+    assert got["eval_images"] == 512 and rows[-1]["train_images"] == 1024
+    assert "img/s eta" in out and f"result (protocol final): test accuracy {got['accuracy']:.4f}" in out
+    for name in ("config.json", "metrics.csv", "steps.jsonl", "resume.pt", "prompts_last.safetensors"):
         assert os.path.getsize(os.path.join(run, name)) > 0, name
+    assert not [f for f in os.listdir(run) if f.startswith("prompts_best")]  # a final run selects nothing
     with open(os.path.join(run, "curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     code, out, _ = svpt(capsys, "eval", "--prompts", os.path.join(run, "prompts_last.safetensors"), "--json")
     assert code == 0
-    result = json.loads(out.strip().splitlines()[-1])
-    assert result["eval_acc"] == pytest.approx(rows[-1]["eval_acc"]) and result["split"] == "test"
+    scored = json.loads(out.strip().splitlines()[-1])
+    assert scored["eval_acc"] == pytest.approx(got["accuracy"]) and scored["split"] == "test"
+    assert scored["trained_protocol"] == "final" and scored["trained_selection"] == "last epoch"
 
 
 # ---------------------------------------------------------------- resume
 def test_resume_is_bit_exact(tmp_path, capsys):
     common = ["train", *TINY, "--limit-train", "96", "--limit-eval", "32", "--batch-size", "16", "--epochs", "3",
-              "--prompt-dropout", "0.2", "--seed", "3"]
+              "--prompt-dropout", "0.2", "--seed", "3", "--protocol", "max-test"]
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
     assert svpt(capsys, *common, "--output", whole)[0] == 0
     assert svpt(capsys, *common, "--output", parts, "--stop-after-epoch", "1")[0] == 0
-    assert [r["epoch"] for r in epochs(parts)] == [1]
-    code, out, _ = svpt(capsys, "train", "--resume", parts, "--stop-after-epoch", "2")
+    assert [r["epoch"] for r in epochs(parts)] == [1] and not os.path.exists(os.path.join(parts, "result.json"))
+    code, out, _ = svpt(capsys, "train", "--resume", parts, "--stop-after-epoch", "2", "--device-data", "never")
     assert code == 0 and "resuming" in out
     assert svpt(capsys, "train", "--resume", parts)[0] == 0
-    for name in ("prompts_last.safetensors", "prompts_best.safetensors"):
+    for name in ("prompts_last.safetensors", "prompts_best_test.safetensors"):
         a, b = load_file(os.path.join(whole, name)), load_file(os.path.join(parts, name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
     assert strip(epochs(whole)) == strip(epochs(parts))
     with open(os.path.join(whole, "steps.jsonl")) as f, open(os.path.join(parts, "steps.jsonl")) as g:
         assert f.read() == g.read()
+    a, b = result(whole), result(parts)
+    assert a["accuracy"] == b["accuracy"] and a["epoch"] == b["epoch"]
 
 
 def test_resume_refuses_other_settings_and_fresh_run_refuses_used_dir(tmp_path, capsys):
@@ -89,28 +101,33 @@ def test_resume_refuses_other_settings_and_fresh_run_refuses_used_dir(tmp_path, 
 
 
 # ---------------------------------------------------------------- data formats through the CLI
-@pytest.mark.parametrize("layout", ["flat-folder", "split-folder", "vtab"])
+@pytest.mark.parametrize("layout", ["flat-folder", "split-folder", "vtab", "fgvc"])
 def test_each_data_format_trains(tmp_path, capsys, layout):
     root = str(tmp_path / layout)
     if layout == "flat-folder":
         make_folder(root, per_class=6)
-        expect = ("train", "val", 15, 3)
+        expect = ("tune", "train", "val", 15, 3)  # no test split: the default protocol is tune
     elif layout == "split-folder":
         make_folder(os.path.join(root, "train"), per_class=4)
         make_folder(os.path.join(root, "val"), per_class=2)
-        expect = ("train", "val", 12, 6)
-    else:
+        expect = ("tune", "train", "val", 12, 6)
+    elif layout == "vtab":
         make_vtab(root)
-        expect = ("train800val200", "test", 6, 6)
+        expect = ("final", "train800val200", "test", 6, 6)
+    else:
+        make_fgvc(root)
+        expect = ("final", "train+val", "test", 9, 3)
     run = str(tmp_path / "run")
     code, out, err = svpt(capsys, "train", *TINY, "--data", root, "--epochs", "1", "--batch-size", "4",
                           "--output", run)
     assert code == 0, err
     with open(os.path.join(run, "config.json")) as f:
         resolved = json.load(f)["resolved"]
-    got = (resolved["train_split"], resolved["eval_split"], resolved["train_images"], resolved["eval_images"])
+    got = (resolved["protocol"], resolved["train_split"], resolved["eval_split"], resolved["train_images"],
+           resolved["eval_images"])
     assert got == expect
-    assert epochs(run)[0]["eval_images"] == expect[3]
+    assert result(run)["eval_images"] == expect[4] and f"protocol {expect[0]}" in out
+    assert resolved["augment"] == ("crop-flip" if layout == "fgvc" else "none")
 
 
 # ---------------------------------------------------------------- weights files
@@ -200,9 +217,10 @@ def test_training_from_a_weights_file(tmp_path, capsys):
 def test_clear_errors(tmp_path, capsys):
     out = ["--output", str(tmp_path / "run")]
     code, _, err = svpt(capsys, "train", *TINY, "--data", str(tmp_path / "missing"), *out)
-    assert code == 2 and "does not exist; give an image folder, a VTAB-1k list directory or 'builtin'" in err
-    code, _, err = svpt(capsys, "train", *TINY, "--eval-split", "val", *out)
-    assert code == 2 and "--eval-split 'val' is not a split of this built-in data; accepted: train, test" in err
+    assert code == 2 and "does not exist; give an image folder, a VTAB-1k list directory, an FGVC directory" in err
+    code, _, err = svpt(capsys, "train", *TINY, "--eval-split", "valid", *out)
+    assert code == 2 and ("--eval-split 'valid' is not a split of this built-in data; accepted: train, val, test, "
+                          "train+val") in err
     code, _, err = svpt(capsys, "train", *TINY, "--weights", str(tmp_path / "none.pth"), *out)
     assert code == 2 and "none.pth': no such file" in err
     (tmp_path / "w.ckpt").write_bytes(b"x")
@@ -249,4 +267,5 @@ def test_two_processes_match_one(tmp_path):
     assert len(steps[1]) == len(steps[2]) == 8
     for a, b in zip(steps[1], steps[2]):
         assert a["lr"] == b["lr"] and abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
-    assert epochs(runs[1])[-1]["eval_images"] == epochs(runs[2])[-1]["eval_images"] == 32
+    assert result(runs[1])["eval_images"] == result(runs[2])["eval_images"] == 32
+    assert abs(result(runs[1])["accuracy"] - result(runs[2])["accuracy"]) < 1e-9

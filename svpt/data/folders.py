@@ -9,31 +9,32 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import DataError
-from .source import DataSource
+from .source import UNION, DataSource, Resize, dir_name, split_files, task_of
+from .tasks import VTAB_TASKS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
 
 
 # ---------------------------------------------------------------- reading one image
-def load_image(path: str, size: int, resize: str = "squash") -> torch.Tensor:
-    """``path`` as a uint8 tensor [3, size, size]. ``resize="squash"`` scales both sides to
-    ``size`` (the VTAB-1k convention); ``"crop"`` scales the shorter side to ``size`` and
-    takes the centre square."""
+def load_image(path: str, resize: Resize) -> torch.Tensor:
+    """``path`` as a uint8 tensor [3, H, W], brought to its stored size as ``resize`` says
+    (bicubic)."""
     from PIL import Image
 
+    size = resize.size
     try:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4, 1/8 scale when that is still >= size
             im = im.convert("RGB")
-            if resize == "crop":
+            if resize.mode == "shorter":
                 scale = size / min(im.size)
-                w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
-                im = im.resize((w, h), Image.BICUBIC)
-                left, top = (w - size) // 2, (h - size) // 2
-                im = im.crop((left, top, left + size, top + size))
+                im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.BICUBIC)
             else:
                 im = im.resize((size, size), Image.BICUBIC)
+            if resize.crop is not None:
+                left, top = (im.width - resize.crop) // 2, (im.height - resize.crop) // 2
+                im = im.crop((left, top, left + resize.crop, top + resize.crop))
             array = np.asarray(im, dtype=np.uint8)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
         raise DataError(f"cannot read image {path}: {exc}") from None
@@ -43,18 +44,18 @@ def load_image(path: str, size: int, resize: str = "squash") -> torch.Tensor:
 class ImageListDataset(Dataset):
     """(path, label) pairs read with :func:`load_image`."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], size: int, resize: str):
-        self.samples, self.size, self.resize = list(samples), size, resize
+    def __init__(self, samples: Sequence[tuple[str, int]], resize: Resize):
+        self.samples, self.resize = list(samples), resize
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        return load_image(path, self.size, self.resize), label
+        return load_image(path, self.resize), label
 
 
-def _check_files_exist(samples, where: str) -> None:
+def check_files_exist(samples: Sequence[tuple[str, int]], where: str) -> None:
     missing = [path for path, _ in samples if not os.path.isfile(path)]
     if missing:
         raise DataError(f"{len(missing)} of {len(samples)} images listed in {where} do not exist, "
@@ -63,7 +64,7 @@ def _check_files_exist(samples, where: str) -> None:
 
 # ---------------------------------------------------------------- VTAB-1k lists
 def is_vtab_dir(root: str) -> bool:
-    return any(os.path.isfile(os.path.join(root, f"{name}.txt")) for name in VTAB_SPLITS)
+    return bool(split_files(root, VTAB_SPLITS, ".txt"))
 
 
 def read_list(path: str, root: str) -> list[tuple[str, int]]:
@@ -85,26 +86,49 @@ def read_list(path: str, root: str) -> list[tuple[str, int]]:
 
 
 class VtabSource(DataSource):
+    """A VTAB-1k task: ``train800.txt`` and ``val200.txt`` (a tuning run), ``train800val200.txt``
+    and ``test.txt`` (the final run). The number of classes is the task's (by directory
+    name, e.g. ``cifar``: 100) or, for another name, the largest training label + 1."""
+
     kind = "VTAB-1k list"
-    default_train_split = "train800val200"  # the papers' final protocol: train on 1000, report on test
-    default_eval_split = "test"
+    tune_splits = ("train800", "val200")
+    final_splits = ("train800val200", "test")
+    test_split = "test"
 
     def __init__(self, root: str):
         self.root = root
-        self._lists = {name: os.path.join(root, f"{name}.txt") for name in VTAB_SPLITS
-                       if os.path.isfile(os.path.join(root, f"{name}.txt"))}
+        self.task = task_of(VTAB_TASKS, root)
+        self._lists = split_files(root, VTAB_SPLITS, ".txt")
         self._samples: dict[str, list[tuple[str, int]]] = {}
-        labels = {label for name in self._lists for _, label in self._read(name)}
-        self.classes = [str(i) for i in range(max(labels) + 1)]  # VTAB labels are 0..C-1
+        self._classes_from = self._class_count_lists()
+        count = self.task.num_classes if self.task else 1 + max(
+            label for name in self._classes_from for _, label in read_list(self._lists[name], root))
+        self.classes = [str(i) for i in range(count)]  # VTAB labels are 0..C-1
+
+    def _class_count_lists(self) -> list[str]:
+        if self.task:
+            return []
+        # Never the test list: a tuning run must not read it, and both runs need the same head.
+        found = ["train800val200"] if "train800val200" in self._lists else \
+            [name for name in ("train800", "val200") if name in self._lists]
+        if not found:
+            raise DataError(f"{self.root}: {dir_name(self.root)!r} is not a VTAB-1k task "
+                            "name, so its number of classes comes from the training lists, and it has none "
+                            f"(train800val200.txt, or train800.txt / val200.txt); present: "
+                            f"{', '.join(os.path.basename(p) for p in self._lists.values())}")
+        return found
 
     @property
-    def splits(self):
+    def base_splits(self):
         return list(self._lists)
+
+    def parts(self, split: str) -> frozenset[str]:
+        return frozenset(("train800", "val200")) if split == "train800val200" else frozenset((split,))
 
     def check_split(self, split: str, option: str = "split") -> str:
         if split in VTAB_SPLITS and split not in self._lists:
-            raise DataError(f"{option} {split!r}: {self._lists.get(split) or os.path.join(self.root, split + '.txt')} "
-                            f"does not exist; splits present in {self.root}: {', '.join(self.splits)}")
+            raise DataError(f"{option} {split!r}: {os.path.join(self.root, split + '.txt')} does not exist; "
+                            f"splits present in {self.root}: {', '.join(self.splits)}")
         if split not in VTAB_SPLITS:
             raise DataError(f"{option} {split!r} is not a VTAB-1k split; accepted: {', '.join(VTAB_SPLITS)} "
                             f"(present in {self.root}: {', '.join(self.splits)})")
@@ -112,13 +136,28 @@ class VtabSource(DataSource):
 
     def _read(self, name: str) -> list[tuple[str, int]]:
         if name not in self._samples:
-            self._samples[name] = read_list(self._lists[name], self.root)
+            samples = read_list(self._lists[name], self.root)
+            wrong = next(((path, label) for path, label in samples if label >= len(self.classes)), None)
+            if wrong:
+                origin = (f"the task {self.task.name} has {len(self.classes)} classes" if self.task else
+                          f"the training lists ({', '.join(n + '.txt' for n in self._classes_from)}) have labels "
+                          f"0..{len(self.classes) - 1}")
+                raise DataError(f"{self._lists[name]}: label {wrong[1]} of {wrong[0]} is out of range: {origin}")
+            self._samples[name] = samples
         return self._samples[name]
 
-    def _dataset(self, split: str, size: int) -> Dataset:
-        samples = self._read(split)
-        _check_files_exist(samples, self._lists[split])
-        return ImageListDataset(samples, size, resize="squash")
+    def validate(self, split: str) -> None:
+        check_files_exist(self._read(self.check_split(split)), self._lists[split])
+
+    def _dataset(self, split: str, resize: Resize) -> Dataset:
+        self.validate(split)
+        return ImageListDataset(self._read(split), resize)
+
+    def describe(self) -> str:
+        what = (f"task {self.task.name}" if self.task else
+                f"{dir_name(self.root)!r} (not a VTAB-1k task name: classes from "
+                f"the largest label in {', '.join(n + '.txt' for n in self._classes_from)})")
+        return f"VTAB-1k list data at {self.root}: {what}, {len(self.classes)} classes, splits {', '.join(self.splits)}"
 
 
 # ---------------------------------------------------------------- image folders
@@ -157,10 +196,10 @@ def _scan_classes(root: str) -> dict[str, list[str]]:
 
 class ImageFolderSource(DataSource):
     """``<root>/<class>/*`` (``train`` and ``val`` splits: ``val_fraction`` of each class held
-    out, the same files every run) or ``<root>/<split>/<class>/*`` (every sub-folder a split)."""
+    out, the same files every run) or ``<root>/<split>/<class>/*`` (every sub-folder a split;
+    ``val``/``validation`` and ``test`` play those roles in the protocols)."""
 
     kind = "image-folder"
-    default_train_split = "train"
 
     def __init__(self, root: str, val_fraction: float = 0.1):
         self.root = root
@@ -176,7 +215,10 @@ class ImageFolderSource(DataSource):
             scanned = _scan_classes(root)
             self._held_out = self._hold_out(scanned, val_fraction)
             self.classes = list(scanned)
-        self.default_eval_split = next((s for s in ("val", "validation", "test") if s in self.splits), "")
+        val = next((s for s in ("val", "validation") if s in self.base_splits), None)
+        self.test_split = "test" if "test" in self.base_splits else None
+        self.tune_splits = ("train", val) if val else None
+        self.final_splits = (f"train{UNION}{val}" if val else "train", "test") if self.test_split else None
 
     @staticmethod
     def _hold_out(classes: dict[str, list[str]], fraction: float) -> dict[str, list[tuple[str, str]]]:
@@ -190,8 +232,11 @@ class ImageFolderSource(DataSource):
         return splits
 
     @property
-    def splits(self):
+    def base_splits(self):
         return list(self._split_dirs) if self.has_split_folders else ["train", "val"]
+
+    def eval_resize(self, size: int) -> Resize:
+        return Resize("shorter", size, crop=size)
 
     def _labelled(self, split: str) -> list[tuple[str, int]]:
         if self.has_split_folders:
@@ -204,11 +249,14 @@ class ImageFolderSource(DataSource):
             pairs = [(path, name) for name, paths in found.items() for path in paths]
         else:
             pairs = self._held_out[split]
+        if not pairs:
+            raise DataError(f"split {split!r} of {self.root} is empty")
         index = {name: i for i, name in enumerate(self.classes)}
         return [(path, index[name]) for path, name in pairs]
 
-    def _dataset(self, split: str, size: int) -> Dataset:
-        samples = self._labelled(split)
-        if not samples:
-            raise DataError(f"split {split!r} of {self.root} is empty")
-        return ImageListDataset(samples, size, resize="crop")
+    def validate(self, split: str) -> None:
+        for part in self.check_split(split).split(UNION):
+            self._labelled(part)
+
+    def _dataset(self, split: str, resize: Resize) -> Dataset:
+        return ImageListDataset(self._labelled(split), resize)

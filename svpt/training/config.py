@@ -12,8 +12,10 @@ class ConfigError(ValueError):
     """A setting that cannot be used; the message says what is accepted."""
 
 
-# Settings that may differ when a run is resumed: they do not change what is computed.
-RESUME_MAY_CHANGE = ("workers", "threads", "stop_after_epoch", "output", "progress")
+# Settings that may differ when a run is resumed: they do not change what is trained
+# (the evaluation batch size changes evaluation numbers by rounding only).
+RESUME_MAY_CHANGE = ("workers", "threads", "stop_after_epoch", "output", "progress", "device_data",
+                     "eval_batch_size")
 
 
 @dataclass
@@ -28,16 +30,20 @@ class TrainConfig:
     num_prompts: int = 8
     options: dict = field(default_factory=dict)  # METHOD.md options given explicitly
     backend: str = "auto"
-    # data
+    # data and protocol
     data: str | None = None             # None: built-in data
-    train_split: str | None = None
-    eval_split: str | None = None
+    protocol: str | None = None         # tune, final, max-test (training.protocol); None: final if the
+                                        # data has a test split, else tune
+    train_split: str | None = None      # None: the protocol's
+    eval_split: str | None = None       # None: the protocol's
+    augment: str | None = None          # none, crop-flip, resized-crop-flip; None: the data's (FGVC: crop-flip)
     val_fraction: float = 0.1
     limit_train: int | None = None
     limit_eval: int | None = None
     # optimisation
     epochs: int = 4
     batch_size: int = 32                # global: split evenly over the processes
+    eval_batch_size: int = 256          # global; no gradients, so larger than training's
     lr: float = 3e-2
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
@@ -50,22 +56,31 @@ class TrainConfig:
     workers: int | None = None
     threads: int | None = None          # CPU intra-op threads; None: 1 for the quick-start model, else torch's
     device: str | None = None
+    device_data: str = "auto"           # auto: decode once, keep on the device when it fits; always; never (DataLoader)
     stop_after_epoch: int | None = None
     progress: str = "auto"              # auto (bar on a TTY, lines otherwise), bar, lines, none
 
     def check(self) -> "TrainConfig":
-        positive = {"num_prompts": self.num_prompts, "epochs": self.epochs, "batch_size": self.batch_size}
+        from ..data import AUGMENTATIONS
+        from .batches import DEVICE_DATA
+        from .protocol import PROTOCOLS
+
+        positive = {"num_prompts": self.num_prompts, "epochs": self.epochs, "batch_size": self.batch_size,
+                    "eval_batch_size": self.eval_batch_size}
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {value!r} is not accepted; it must be an integer >= 1")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ConfigError(f"--optimizer {self.optimizer!r} is not accepted; accepted: sgd, adamw")
         if not self.lr > 0:
             raise ConfigError(f"--lr {self.lr} is not accepted; it must be > 0")
         if self.weight_decay < 0 or self.warmup_epochs < 0:
             raise ConfigError("--weight-decay and --warmup-epochs must be >= 0")
-        if self.progress not in ("auto", "bar", "lines", "none"):
-            raise ConfigError(f"--progress {self.progress!r} is not accepted; accepted: auto, bar, lines, none")
+        choices = {"optimizer": ("sgd", "adamw"), "progress": ("auto", "bar", "lines", "none"),
+                   "protocol": PROTOCOLS, "augment": AUGMENTATIONS, "device_data": DEVICE_DATA}
+        for name, accepted in choices.items():
+            value = getattr(self, name)
+            if value not in accepted and not (value is None and name in ("protocol", "augment")):
+                raise ConfigError(f"--{name.replace('_', '-')} {value!r} is not accepted; "
+                                  f"accepted: {', '.join(accepted)}")
         for name in ("limit_train", "limit_eval", "img_size", "stop_after_epoch", "threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

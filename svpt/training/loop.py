@@ -1,7 +1,8 @@
-"""The training run: model, data, epochs with per-epoch evaluation, checkpoints, resume, DDP."""
+"""The training run: model, data, epochs, the protocol's evaluations, checkpoints, resume, DDP."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import math
@@ -9,25 +10,29 @@ import os
 import platform
 import time
 from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import Dataset, DistributedSampler, Subset
 
 from .. import backends
-from ..checkpoint import load_prompt_state_dict, load_prompts, prompt_state_dict, save_prompts
-from ..data import DataError, open_data
+from ..checkpoint import (atomic_write, backbone_identity, load_prompt_state_dict, load_prompts, prompt_state_dict,
+                          read_prompt_metadata, save_prompts_with_run)
+from ..data import Augmenter, open_data
 from ..fused import apply as apply_prompts
 from . import backbone
+from .batches import (EvalBatches, ResidentImages, TrainBatches, default_workers, describe as describe_batches,
+                      memory_budget, shard)
 from .config import RESUME_MAY_CHANGE, ConfigError, TrainConfig, read_run_config
-from .distributed import Dist, ShardSampler, setup, teardown
+from .distributed import Dist, setup, teardown
 from .progress import Progress
+from .protocol import Plan, make_plan
 from .records import RunRecords
-from ..checkpoint import atomic_write
 from .state import RESUME_FILE, load_resume, rng_state, save_resume, set_rng_state
 
-LAST, BEST = "prompts_last.safetensors", "prompts_best.safetensors"
+LAST, RESULT_FILE = "prompts_last.safetensors", "result.json"
 
 
 # ---------------------------------------------------------------- model
@@ -39,25 +44,58 @@ class Built:
     img_size: int
 
 
+class BackboneCache:
+    """The last backbone built (unprompted, weights loaded, on its device), handed out as
+    copies: the runs of ``svpt vtab`` that share a backbone skip timm's initialisation and
+    the weights file. A run's numbers do not depend on whether its copy came from here."""
+
+    def __init__(self):
+        self.key, self.entry = None, None
+
+    def get(self, key: tuple, make: Callable[[], tuple]) -> tuple:
+        if key != self.key:
+            self.key, self.entry = None, None  # free the old one before building the next
+            self.entry, self.key = make(), key
+        return copy.deepcopy(self.entry)
+
+
+def _weights_key(path: str | None):
+    """A weights file by path, size and modification time: a rewritten file is another backbone."""
+    if not path or not os.path.isfile(path):
+        return path  # load_weights says what is wrong with it
+    st = os.stat(path)
+    return os.path.abspath(path), st.st_size, st.st_mtime_ns
+
+
 def build_model(model: str | None, model_kwargs: dict, weights: str | None, img_size: int | None,
                 method: str, num_prompts: int, options: dict, backend: str, num_classes: int,
-                ctx: Dist) -> Built:
-    """The timm backbone (weights loaded), prompted, on this process's device. Printing of
-    svpt.prompt's summary is left to the main process."""
+                ctx: Dist, seed: int, cache: BackboneCache | None = None) -> Built:
+    """The timm backbone (weights loaded), prompted, on this process's device. Without
+    weights the backbone is timm's random init drawn from ``seed``; the prompts are drawn
+    from ``seed`` too, after it. svpt.prompt's summary is printed by the main process only."""
     try:
         backends.set_backend(backend)  # an unusable backend is a usage error, said before any work
     except RuntimeError as exc:
         raise ConfigError(f"--backend {backend}: {exc}") from None
-    name, kwargs, net = backbone.create_backbone(model, model_kwargs, img_size)
-    if weights:
-        backbone.load_weights(net, weights, name)
-    elif ctx.main and model is not None:
+
+    def make() -> tuple:
+        torch.manual_seed(seed)
+        name, kwargs, net = backbone.create_backbone(model, model_kwargs, img_size)
+        if weights:
+            backbone.load_weights(net, weights, name)
+        return name, kwargs, net.to(ctx.device)
+
+    key = (model, json.dumps(model_kwargs, sort_keys=True, default=str), _weights_key(weights), img_size,
+           str(ctx.device), None if weights else seed)
+    name, kwargs, net = cache.get(key, make) if cache is not None else make()
+    if ctx.main and not weights and model is not None:
         print(f"note: no --weights, so {name} keeps timm's random init (pretrained=False); "
               "give --weights PATH for a pretrained backbone")
+    torch.manual_seed(seed)  # the prompt init, the same whether the backbone was built or copied
     quiet = contextlib.nullcontext() if ctx.main else contextlib.redirect_stdout(io.StringIO())
     with quiet:
         apply_prompts(net, method, num_prompts, num_classes=num_classes, backend=backend, **options)
-    return Built(net.to(ctx.device), name, kwargs, img_size or backbone.default_img_size(net))
+    return Built(net, name, kwargs, img_size or backbone.default_img_size(net))
 
 
 # ---------------------------------------------------------------- data
@@ -66,23 +104,6 @@ def _limited(ds: Dataset, limit: int | None) -> Dataset:
         return ds
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))  # the same subset every run
     return Subset(ds, sorted(order[:limit].tolist()))
-
-
-def _default_workers(ctx: Dist) -> int:
-    if ctx.device.type != "cuda":
-        return 0  # on a CPU the loader would compete with the training for the same cores
-    # ViT-B/16 SVPT steps at ~2900 img/s on an H200; decoding 500x375 JPEGs gives ~280 img/s per
-    # worker (benchmarks/results/loader_throughput_h200.txt): keep up with ~11+ workers.
-    return max(1, min(16, (os.cpu_count() or 2) // ctx.world - 1))
-
-
-def _loader(ds: Dataset, batch: int, sampler, workers: int, ctx: Dist, seed: int) -> DataLoader:
-    extra = dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}
-    # Its own generator: creating an epoch's iterator must not draw from the global RNG
-    # (prompt dropout's), or a resumed run would see other random numbers.
-    return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
-                      pin_memory=ctx.device.type == "cuda", drop_last=False,
-                      generator=torch.Generator().manual_seed(seed), **extra)
 
 
 def _set_threads(cfg: TrainConfig, ctx: Dist) -> None:
@@ -96,13 +117,37 @@ def _set_threads(cfg: TrainConfig, ctx: Dist) -> None:
         torch.set_num_threads(1)
 
 
-def _splits(source, cfg_train: str | None, cfg_eval: str | None) -> tuple[str, str]:
-    train_split = source.check_split(cfg_train or source.default_train_split, "--train-split")
-    eval_default = source.default_eval_split
-    if not cfg_eval and not eval_default:
-        raise DataError(f"{source.describe()}: no val/validation/test split to evaluate on; "
-                        f"give --eval-split (accepted: {', '.join(source.splits)})")
-    return train_split, source.check_split(cfg_eval or eval_default, "--eval-split")
+@dataclass
+class RunData:
+    train: TrainBatches
+    evaluation: EvalBatches
+    train_images: int
+    eval_images: int
+    lines: list[str]  # what was decided, for the log
+
+
+def prepare_data(cfg: TrainConfig, ctx: Dist, plan: Plan, train_ds: Dataset, eval_ds: Dataset,
+                 augmenter: Augmenter, workers: int) -> RunData:
+    """Batches of both splits: decoded once onto the device where they fit (``device_data``),
+    else read by a DataLoader every epoch. The test split of a final run is read once, so it
+    always streams through a loader (its decoding then overlaps the evaluation)."""
+    budget = None if cfg.device_data == "always" else memory_budget(ctx.device)
+    wanted = cfg.device_data != "never"
+    train_res = ResidentImages.decode(train_ds, ctx.device, workers, budget) if wanted else None
+    eval_shard = shard(eval_ds, ctx)
+    left = None if budget is None else budget - (train_res.nbytes if train_res else 0)
+    eval_res = ResidentImages.decode(eval_shard, ctx.device, workers, left) \
+        if wanted and plan.evaluates_every_epoch else None
+    # DistributedSampler with world size 1 too: the same permutation (seed + epoch) in every
+    # layout, so N processes with batch B/N see exactly the batches of 1 process with batch B.
+    sampler = DistributedSampler(train_ds, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=cfg.seed)
+    train = TrainBatches(train_ds, sampler, cfg.batch_size // ctx.world, augmenter, train_res, workers, ctx, cfg.seed)
+    evaluation = EvalBatches(eval_ds, max(1, cfg.eval_batch_size // ctx.world), eval_res, workers, ctx,
+                             persistent=plan.evaluates_every_epoch)
+    lines = [describe_batches(f"train {plan.train_split} ({augmenter.augment} augmentation)", train_ds, train_res,
+                              workers, ctx),
+             describe_batches(f"evaluation {plan.eval_split}", eval_shard, eval_res, workers, ctx)]
+    return RunData(train, evaluation, len(train_ds), len(eval_ds), lines)
 
 
 # ---------------------------------------------------------------- optimisation
@@ -135,13 +180,14 @@ def _autocast(ctx: Dist, amp: bool):
         else contextlib.nullcontext()
 
 
-def train_epoch(model, loader, optimizer, scheduler, normalise, ctx: Dist, amp: bool, progress: Progress) -> dict:
+def train_epoch(model, batches: Iterator, optimizer, scheduler, normalise, ctx: Dist, amp: bool,
+                progress: Progress) -> dict:
     model.train()
     losses, lrs = [], []
     sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss * images, correct
     images_seen, data_wait = 0, 0.0
     start = fetch = time.perf_counter()
-    for step, (images, labels) in enumerate(loader, 1):
+    for step, (images, labels) in enumerate(batches, 1):
         data_wait += time.perf_counter() - fetch
         x, y = normalise(images), labels.to(ctx.device, non_blocking=True)
         with _autocast(ctx, amp):
@@ -168,18 +214,19 @@ def train_epoch(model, loader, optimizer, scheduler, normalise, ctx: Dist, amp: 
 
 
 @torch.no_grad()
-def evaluate(model, loader, normalise, ctx: Dist, amp: bool) -> dict:
+def evaluate(model, batches: Iterable, normalise, ctx: Dist, amp: bool) -> dict:
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, images
+    sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, correct
+    count = 0  # on the host: a device tensor made per batch would synchronise the stream
     start = time.perf_counter()
-    for images, labels in loader:
+    for images, labels in batches:
         y = labels.to(ctx.device, non_blocking=True)
         with _autocast(ctx, amp):
             logits = model(normalise(images))
         loss = F.cross_entropy(logits.float(), y, reduction="sum")
-        sums += torch.stack([loss.double(), (logits.argmax(-1) == y).sum().double(),
-                             torch.tensor(float(len(y)), dtype=torch.float64, device=ctx.device)])
-    loss_sum, correct, count = ctx.sum(sums).tolist()
+        sums += torch.stack([loss.double(), (logits.argmax(-1) == y).sum().double()])
+        count += len(y)
+    loss_sum, correct, count = ctx.sum([*sums.tolist(), float(count)]).tolist()
     return {"eval_loss": loss_sum / count, "eval_acc": correct / count, "eval_images": int(count),
             "eval_s": time.perf_counter() - start}
 
@@ -199,8 +246,9 @@ def _run_dir(cfg: TrainConfig, ctx: Dist, resume: bool, name: str) -> str:
 def _check_resume_config(cfg: TrainConfig, run_dir: str) -> None:
     saved = read_run_config(run_dir)["settings"]
     ours = json.loads(json.dumps(cfg.to_json()))
-    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in ours.items()
-               if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
+    defaults = TrainConfig().to_json()  # settings added after the run was made: their defaults
+    changed = [f"{k}: {saved.get(k, defaults[k])!r} -> {v!r}" for k, v in ours.items()
+               if k not in RESUME_MAY_CHANGE and saved.get(k, defaults[k]) != v]
     if changed:
         raise ConfigError(f"cannot resume {run_dir} with other settings ({'; '.join(changed)}); a resumed run "
                           f"continues the original one; only {', '.join(RESUME_MAY_CHANGE)} may change")
@@ -214,109 +262,130 @@ def _versions() -> dict:
             "python": platform.python_version()}
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
+def train(cfg: TrainConfig, resume: bool = False, cache: BackboneCache | None = None) -> dict:
     """Train prompts as ``cfg`` says; ``resume=True`` continues the run in ``cfg.output``.
-    Returns the final metrics (best and last epoch, run directory)."""
+    Returns the run's result (protocol, what the accuracy is, its value; also written to
+    ``result.json``), or, after ``stop_after_epoch``, the epoch it stopped after."""
     cfg.check()
     ctx = setup(cfg.device)
     try:
-        return _train(cfg, ctx, resume)
+        return _train(cfg, ctx, resume, cache)
     finally:
         teardown(ctx)
 
 
-def _train(cfg: TrainConfig, ctx: Dist, resume: bool) -> dict:
+def _train(cfg: TrainConfig, ctx: Dist, resume: bool, cache: BackboneCache | None) -> dict:
     say = print if ctx.main else (lambda *a, **k: None)
     if cfg.batch_size % ctx.world:
         raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over "
                           f"the {ctx.world} processes")
     _set_threads(cfg, ctx)
     source = open_data(cfg.data, cfg.val_fraction)
-    train_split, eval_split = _splits(source, cfg.train_split, cfg.eval_split)
+    plan = make_plan(source, cfg.protocol, cfg.train_split, cfg.eval_split)
+    for split in (plan.train_split, plan.eval_split):
+        source.validate(split)  # lists, labels and files of both splits, before any work
+    augment = cfg.augment or source.default_augment
     say(source.describe())
+    say(plan.describe())
 
-    torch.manual_seed(cfg.seed)  # the same prompt init in every process
     built = build_model(cfg.model, cfg.model_kwargs, cfg.weights, cfg.img_size or source.native_size,
-                        cfg.method, cfg.num_prompts, cfg.options, cfg.backend, len(source.classes), ctx)
+                        cfg.method, cfg.num_prompts, cfg.options, cfg.backend, len(source.classes), ctx,
+                        cfg.seed, cache)
     model = built.model
     torch.manual_seed((cfg.seed << 16) + ctx.rank + 1)  # per-process stream for prompt dropout
 
-    train_ds = _limited(source.dataset(train_split, built.img_size), cfg.limit_train)
-    eval_ds = _limited(source.dataset(eval_split, built.img_size), cfg.limit_eval)
-    per_process = cfg.batch_size // ctx.world
-    workers = _default_workers(ctx) if cfg.workers is None else cfg.workers
-    # DistributedSampler with world size 1 too: the same permutation (seed + epoch) in every
-    # layout, so N processes with batch B/N see exactly the batches of 1 process with batch B.
-    sampler = DistributedSampler(train_ds, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=cfg.seed)
-    train_loader = _loader(train_ds, per_process, sampler, workers, ctx, cfg.seed)
-    eval_loader = _loader(eval_ds, per_process, ShardSampler(len(eval_ds), ctx.rank, ctx.world), workers,
-                          ctx, cfg.seed)
+    train_ds = _limited(source.dataset(plan.train_split, built.img_size, augment), cfg.limit_train)
+    eval_ds = _limited(source.dataset(plan.eval_split, built.img_size), cfg.limit_eval)
+    workers = default_workers(ctx) if cfg.workers is None else cfg.workers
+    data = prepare_data(cfg, ctx, plan, train_ds, eval_ds, Augmenter(augment, built.img_size, cfg.seed), workers)
     normalise = backbone.to_uint8_normaliser(model, ctx.device)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, cfg)
-    scheduler = _schedule(optimizer, len(train_loader), cfg)
+    scheduler = _schedule(optimizer, len(data.train), cfg)
     ddp = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) \
         if ctx.active else model
 
     run_dir = _run_dir(cfg, ctx, resume, built.name)
-    start_epoch, best = 0, {"eval_acc": -1.0, "epoch": 0}
+    start_epoch, best, last = 0, {"eval_acc": -1.0, "epoch": 0}, {}
     if resume:
         _check_resume_config(cfg, run_dir)
-        start_epoch, best = _restore(os.path.join(run_dir, RESUME_FILE), model, optimizer, scheduler, ctx, cfg)
+        start_epoch, best, last = _restore(os.path.join(run_dir, RESUME_FILE), model, optimizer, scheduler, ctx, cfg)
         say(f"resuming {run_dir} after epoch {start_epoch}")
     elif ctx.main:
-        resolved = {"model": built.name, "model_kwargs": built.model_kwargs, "img_size": built.img_size,
-                    "classes": list(source.classes), "train_split": train_split, "eval_split": eval_split,
-                    "train_images": len(train_ds), "eval_images": len(eval_ds), "world_size": ctx.world,
-                    "device": str(ctx.device), "versions": _versions()}
-        atomic_write(os.path.join(run_dir, "config.json"),
-                     json.dumps({"settings": cfg.to_json(), "resolved": resolved}, indent=2).encode())
-    records = RunRecords(run_dir, start_epoch) if ctx.main else None
+        _write_config(run_dir, cfg, built, source, plan, augment, data, ctx)
+    records = RunRecords(run_dir, start_epoch, f"{plan.eval_split} ({plan.protocol})") if ctx.main else None
 
     say(f"training {len(params)} tensors ({sum(p.numel() for p in params):,} values) on {ctx.device}"
         f"{f' x {ctx.world} processes' if ctx.active else ''}; backend {backends.get_backend()} "
-        f"(usable here: {', '.join(backends.available_backends(ctx.device))}); {len(train_ds)} train / "
-        f"{len(eval_ds)} eval images ({train_split}/{eval_split}), {len(train_loader)} steps of "
-        f"{cfg.batch_size} per epoch, {workers} loader workers per process; run directory {run_dir}")
-    last = {}
+        f"(usable here: {', '.join(backends.available_backends(ctx.device))}); {data.train_images} train / "
+        f"{data.eval_images} eval images ({plan.train_split}/{plan.eval_split}), {len(data.train)} steps of "
+        f"{cfg.batch_size} per epoch; run directory {run_dir}")
+    for line in data.lines:
+        say(line)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        sampler.set_epoch(epoch)
-        progress = Progress(cfg.progress if ctx.main else "none", epoch, cfg.epochs, len(train_loader))
-        stats = train_epoch(ddp, train_loader, optimizer, scheduler, normalise, ctx, cfg.amp, progress)
-        stats.update(evaluate(model, eval_loader, normalise, ctx, cfg.amp))
-        last, best = _end_epoch(epoch, stats, best, len(train_loader), run_dir, model, optimizer, scheduler,
-                                records, ctx, cfg)
-        say(f"epoch {epoch}/{cfg.epochs}: train loss {last['train_loss']:.4f} acc {last['train_acc']:.3f} | "
-            f"eval loss {last['eval_loss']:.4f} acc {last['eval_acc']:.3f} ({last['eval_images']} images) | "
-            f"{last['img_per_s']:.0f} img/s, waiting for data {100 * last['data_wait_s'] / last['train_s']:.0f}% "
-            f"| {last['train_s'] + last['eval_s']:.1f} s")
+        progress = Progress(cfg.progress if ctx.main else "none", epoch, cfg.epochs, len(data.train))
+        stats = train_epoch(ddp, data.train.epoch(epoch), optimizer, scheduler, normalise, ctx, cfg.amp, progress)
+        if plan.evaluates_every_epoch:
+            stats.update(evaluate(model, data.evaluation, normalise, ctx, cfg.amp), eval_split=plan.eval_split)
+        last, best = _end_epoch(epoch, stats, best, len(data.train), run_dir, model, optimizer, scheduler,
+                                records, ctx, cfg, plan)
+        say(_epoch_line(epoch, cfg.epochs, last))
         if cfg.stop_after_epoch == epoch and epoch < cfg.epochs:
             say(f"stopped after epoch {epoch} (--stop-after-epoch); continue with: svpt train --resume {run_dir}")
-            break
-    say(f"best eval accuracy {best['eval_acc']:.4f} (epoch {best['epoch']}); prompts: "
-        f"{os.path.join(run_dir, BEST)} (best), {os.path.join(run_dir, LAST)} (last); metrics: "
-        f"{os.path.join(run_dir, 'metrics.jsonl')}, {os.path.join(run_dir, 'curves.png')}")
-    return {"run_dir": run_dir, "best": best, "last": last}
+            return {"run_dir": run_dir, "stopped_after_epoch": epoch, "last": last}
+    return _finish(plan, cfg, ctx, model, data, normalise, best, last, run_dir, records, say)
 
 
-def _end_epoch(epoch, stats, best, steps_per_epoch, run_dir, model, optimizer, scheduler, records, ctx, cfg):
-    """Record the epoch's metrics and write its checkpoints (main process only)."""
+def _write_config(run_dir: str, cfg: TrainConfig, built: Built, source, plan: Plan, augment: str, data: RunData,
+                  ctx: Dist) -> None:
+    resolved = {"model": built.name, "model_kwargs": built.model_kwargs, "img_size": built.img_size,
+                "classes": list(source.classes), "protocol": plan.protocol, "protocol_description": plan.describe(),
+                "train_split": plan.train_split, "eval_split": plan.eval_split, "augment": augment,
+                "train_images": data.train_images, "eval_images": data.eval_images, "batches": data.lines,
+                **backbone_identity(built.model), "world_size": ctx.world, "device": str(ctx.device),
+                "versions": _versions()}
+    atomic_write(os.path.join(run_dir, "config.json"),
+                 json.dumps({"settings": cfg.to_json(), "resolved": resolved}, indent=2).encode())
+
+
+def _epoch_line(epoch: int, epochs: int, row: dict) -> str:
+    evaluated = (f" | {row['eval_split']} loss {row['eval_loss']:.4f} acc {row['eval_acc']:.3f} "
+                 f"({row['eval_images']} images)") if "eval_acc" in row else ""
+    seconds = row["train_s"] + row.get("eval_s", 0.0)
+    return (f"epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}{evaluated} | "
+            f"{row['img_per_s']:.0f} img/s, waiting for data {100 * row['data_wait_s'] / row['train_s']:.0f}% "
+            f"| {seconds:.1f} s")
+
+
+def _run_metadata(plan: Plan, cfg: TrainConfig, epoch: int, selection: str) -> dict:
+    return {"protocol": plan.protocol, "train_split": plan.train_split, "eval_split": plan.eval_split,
+            "data": cfg.data or "builtin", "epoch": epoch, "epochs": cfg.epochs, "selection": selection}
+
+
+def _end_epoch(epoch, stats, best, steps_per_epoch, run_dir, model, optimizer, scheduler, records, ctx, cfg, plan):
+    """Record the epoch's metrics and write its checkpoints (main process only): the best
+    epoch's prompts when it improves, the last epoch's when the run ends or stops, resume.pt
+    every epoch and last, so an epoch whose files are not all written is replayed on resume."""
     step_losses, step_lrs = stats.pop("step_losses"), stats.pop("step_lrs")
     step = epoch * steps_per_epoch
     row = {"epoch": epoch, "step": step, "lr": step_lrs[-1], **stats}
     rng = ctx.gather(rng_state(ctx.device))  # every process's stream, for an exact resume
-    if stats["eval_acc"] > best["eval_acc"]:
-        best = {"eval_acc": stats["eval_acc"], "epoch": epoch}
+    if plan.evaluates_every_epoch and stats["eval_acc"] > best["eval_acc"]:
+        best = {"eval_acc": stats["eval_acc"], "eval_loss": stats["eval_loss"], "epoch": epoch}
     if ctx.main:
-        first = step - len(step_losses)
-        records.add_epoch(row, [{"step": first + i + 1, "epoch": epoch, "epoch_float": epoch - 1 + (i + 1) / len(step_losses),
-                                 "lr": lr, "loss": loss} for i, (loss, lr) in enumerate(zip(step_losses, step_lrs))])
+        first, ends = step - len(step_losses), epoch in (cfg.epochs, cfg.stop_after_epoch)
+        step_rows = [{"step": first + i + 1, "epoch": epoch, "epoch_float": epoch - 1 + (i + 1) / len(step_losses),
+                      "lr": lr, "loss": loss} for i, (loss, lr) in enumerate(zip(step_losses, step_lrs))]
+        records.add_epoch(row, step_rows, last=ends)
+        if ends:
+            save_prompts_with_run(model, os.path.join(run_dir, LAST), _run_metadata(plan, cfg, epoch, "last epoch"))
+        if plan.evaluates_every_epoch and best["epoch"] == epoch:
+            on_test = "; selected on the test set" if plan.protocol == "max-test" else ""
+            save_prompts_with_run(model, os.path.join(run_dir, plan.best_file), _run_metadata(
+                plan, cfg, epoch, f"best {plan.eval_split} accuracy over epochs (epoch {epoch}){on_test}"))
         save_resume(os.path.join(run_dir, RESUME_FILE), epoch=epoch, step=step, trainable=prompt_state_dict(model),
-                    optimizer=optimizer, scheduler=scheduler, rng=rng, best=best, config=cfg.to_json())
-        save_prompts(model, os.path.join(run_dir, LAST))
-        if best["epoch"] == epoch:
-            save_prompts(model, os.path.join(run_dir, BEST))
+                    optimizer=optimizer, scheduler=scheduler, rng=rng, best=best, last=row, config=cfg.to_json())
     ctx.barrier()  # nobody runs ahead into a state the files do not describe yet
     return row, best
 
@@ -332,69 +401,135 @@ def _restore(path, model, optimizer, scheduler, ctx: Dist, cfg: TrainConfig):
         if ctx.main:
             print(f"warning: the run was saved with {state['world_size']} processes and resumes with {ctx.world}: "
                   "prompt dropout draws other random numbers than an uninterrupted run would")
-    return state["epoch"], state["best"]
+    return state["epoch"], state["best"], state.get("last", {})
+
+
+# ---------------------------------------------------------------- the result
+def _result(plan: Plan, cfg: TrainConfig, last: dict, best: dict, final: dict | None, run_dir: str) -> dict:
+    """What the run reports, and in words what that number is."""
+    if plan.protocol == "final":
+        accuracy, loss, epoch, images, prompts = final["eval_acc"], final["eval_loss"], cfg.epochs, \
+            final["eval_images"], LAST
+    elif plan.protocol == "tune":
+        accuracy, loss, epoch, images, prompts = last["eval_acc"], last["eval_loss"], cfg.epochs, \
+            last["eval_images"], LAST
+    else:
+        accuracy, loss, epoch, images, prompts = best["eval_acc"], best["eval_loss"], best["epoch"], \
+            last["eval_images"], plan.best_file
+    result = {"protocol": plan.protocol, "description": plan.describe(),
+              "metric": plan.result_metric(epoch, cfg.epochs), "accuracy": accuracy, "loss": loss, "epoch": epoch, "epochs": cfg.epochs,
+              "train_split": plan.train_split, "eval_split": plan.eval_split, "eval_images": images,
+              "prompts": os.path.join(run_dir, prompts), "run_dir": run_dir}
+    if final is not None:
+        result["eval_s"] = final["eval_s"]
+    if plan.evaluates_every_epoch:
+        result.update(last_epoch_accuracy=last["eval_acc"],
+                      best_epoch={"epoch": best["epoch"], "accuracy": best["eval_acc"],
+                                  "prompts": os.path.join(run_dir, plan.best_file)})
+    return result
+
+
+def _summary(result: dict) -> str:
+    acc, split = result["accuracy"], result["eval_split"]
+    if result["protocol"] == "final":
+        return (f"result (protocol final): {split} accuracy {acc:.4f} after the last epoch ({result['epochs']}), "
+                f"evaluated once on {result['eval_images']} images; prompts: {result['prompts']}")
+    best = result["best_epoch"]
+    if result["protocol"] == "tune":
+        return (f"result (protocol tune): {split} accuracy {acc:.4f} after the last epoch; best {split} "
+                f"{best['accuracy']:.4f} at epoch {best['epoch']} ({best['prompts']}); the test split was not read")
+    return (f"result (protocol max-test): MAXIMUM {split} accuracy over epochs {acc:.4f} at epoch {result['epoch']}, "
+            f"selected on the test set (not VPT's protocol); {split} accuracy after the last epoch "
+            f"{result['last_epoch_accuracy']:.4f}; prompts of the maximum: {result['prompts']}")
+
+
+def _finish(plan, cfg, ctx, model, data, normalise, best, last, run_dir, records, say) -> dict:
+    final = evaluate(model, data.evaluation, normalise, ctx, cfg.amp) if plan.protocol == "final" else None
+    result = _result(plan, cfg, last, best, final, run_dir)
+    if ctx.main:
+        atomic_write(os.path.join(run_dir, RESULT_FILE), json.dumps(result, indent=2).encode())
+        say(_summary(result))
+        say(f"files: {os.path.join(run_dir, RESULT_FILE)}, {os.path.join(run_dir, 'metrics.jsonl')}, "
+            f"{os.path.join(run_dir, 'curves.png')}")
+    ctx.barrier()
+    return {**result, "last": last}
 
 
 # ---------------------------------------------------------------- svpt eval
-def _prompt_metadata(path: str) -> dict:
-    from safetensors import safe_open
-
+def _checkpoint_metadata(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"--prompts {path!r}: no such file")
     try:
+        meta = read_prompt_metadata(path)
+        from safetensors import safe_open
         with safe_open(path, "pt") as f:
-            meta, head = f.metadata() or {}, f.get_slice("head.weight").get_shape() if "head.weight" in f.keys() else None
-    except Exception as exc:  # safetensors raises its own error types
-        raise ConfigError(f"--prompts {path!r} is not a safetensors prompt checkpoint: {exc}") from None
-    if meta.get("format") != "svpt-prompts-1" or head is None:
-        raise ConfigError(f"--prompts {path!r} is not an svpt prompt checkpoint (written by svpt.save_prompts)")
-    return {"method": meta["method"], "num_prompts": int(meta["num_prompts"]),
-            "options": json.loads(meta["options"]), "num_classes": head[0]}
+            head = f.get_slice("head.weight").get_shape() if "head.weight" in f.keys() else None
+    except ValueError as exc:
+        raise ConfigError(f"--prompts {exc}") from None
+    if head is None:
+        raise ConfigError(f"--prompts {path!r} is not an svpt prompt checkpoint (no head.weight)")
+    return {**meta, "num_prompts": int(meta["num_prompts"]), "num_classes": head[0]}
+
+
+def _run_config(prompts: str, config: str | None) -> dict:
+    path = config or os.path.join(os.path.dirname(os.path.abspath(prompts)), "config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    if config:
+        raise ConfigError(f"--config {config!r}: no such file")
+    return {}
+
+
+def _default_eval_split(source) -> str:
+    splits = source.final_splits or source.tune_splits
+    if splits is None:
+        raise ConfigError(f"{source.describe()}: no test or val split to evaluate on; give --eval-split")
+    return splits[1]
 
 
 def evaluate_prompts(prompts: str, data: str | None = None, eval_split: str | None = None, model: str | None = None,
                      model_kwargs: dict | None = None, weights: str | None = None, img_size: int | None = None,
-                     batch_size: int = 64, workers: int | None = None, backend: str = "auto",
+                     batch_size: int = 256, workers: int | None = None, backend: str = "auto",
                      device: str | None = None, amp: bool = True, config: str | None = None) -> dict:
     """Score a saved prompt set. The model, weights, data and split default to those of the run
     whose ``config.json`` sits next to ``prompts`` (or ``config``); method, prompts and options
-    come from the prompt file itself."""
-    meta = _prompt_metadata(prompts)
-    run_config = config or os.path.join(os.path.dirname(os.path.abspath(prompts)), "config.json")
-    saved = {}
-    if os.path.isfile(run_config):
-        with open(run_config, encoding="utf-8") as f:
-            saved = json.load(f)
-    elif config:
-        raise ConfigError(f"--config {config!r}: no such file")
+    come from the prompt file itself, which must have been trained on this backbone."""
+    meta = _checkpoint_metadata(prompts)
+    saved = _run_config(prompts, config)
     settings, resolved = saved.get("settings", {}), saved.get("resolved", {})
     if not saved and model is None:
         raise ConfigError(f"no config.json next to {prompts}: give --model (and --weights, --data) as it was trained")
+    if saved and model is None:
+        model, model_kwargs = resolved["model"], resolved["model_kwargs"] if model_kwargs is None else model_kwargs
+        weights = settings.get("weights") if weights is None else weights
+        img_size = resolved["img_size"] if img_size is None else img_size
+    if meta.get("backbone") and model is not None and meta["backbone"] != model:
+        raise ConfigError(f"{prompts} holds prompts trained on backbone {meta['backbone']}; --model is {model}")
     ctx = setup(device)
     try:
-        if saved and model is None:
-            model, model_kwargs = resolved["model"], resolved["model_kwargs"] if model_kwargs is None else model_kwargs
-            weights = settings.get("weights") if weights is None else weights
-            img_size = resolved["img_size"] if img_size is None else img_size
         data = settings.get("data") if data is None and saved else data
         source = open_data(data, settings.get("val_fraction", 0.1))
-        split = source.check_split(eval_split or resolved.get("eval_split") or source.default_eval_split, "--eval-split")
+        split = source.check_split(eval_split or resolved.get("eval_split") or _default_eval_split(source),
+                                   "--eval-split")
+        source.validate(split)
         if len(source.classes) != meta["num_classes"]:
             raise ConfigError(f"{prompts} has a head for {meta['num_classes']} classes; the data "
                               f"({source.describe()}) has {len(source.classes)}")
-        # Without --weights the backbone is timm's random init: drawn from the run's seed, as in training.
-        torch.manual_seed(settings.get("seed", 0))
         built = build_model(model, model_kwargs or {}, weights, img_size or source.native_size, meta["method"],
-                            meta["num_prompts"], meta["options"], backend, meta["num_classes"], ctx)
-        load_prompts(built.model, prompts)
+                            meta["num_prompts"], meta["options"], backend, meta["num_classes"], ctx,
+                            settings.get("seed", 0))
+        load_prompts(built.model, prompts)  # refuses prompts of another backbone, naming both
         ds = source.dataset(split, built.img_size)
-        per_process = max(1, batch_size // ctx.world)
-        loader = _loader(ds, per_process, ShardSampler(len(ds), ctx.rank, ctx.world),
-                         _default_workers(ctx) if workers is None else workers, ctx, 0)
-        result = evaluate(built.model, loader, backbone.to_uint8_normaliser(built.model, ctx.device), ctx, amp)
-        result.update(prompts=prompts, split=split, model=built.name)
+        batches = EvalBatches(ds, max(1, batch_size // ctx.world), None,
+                              default_workers(ctx) if workers is None else workers, ctx, persistent=False)
+        result = evaluate(built.model, batches, backbone.to_uint8_normaliser(built.model, ctx.device), ctx, amp)
+        run = meta.get("run", {})
+        result.update(prompts=prompts, split=split, model=built.name, trained_protocol=run.get("protocol"),
+                      trained_selection=run.get("selection"))
         if ctx.main:
-            print(f"{prompts} on {split} ({result['eval_images']} images): accuracy {result['eval_acc']:.4f}, "
+            made = f" (from a {run['protocol']} run, {run['selection']})" if run else ""
+            print(f"{prompts}{made} on {split} ({result['eval_images']} images): accuracy {result['eval_acc']:.4f}, "
                   f"loss {result['eval_loss']:.4f}")
         return result
     finally:

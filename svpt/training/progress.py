@@ -14,7 +14,8 @@ def _clock(seconds: float) -> str:
 
 class Progress:
     """One epoch's progress. ``mode``: "bar" (redrawn in place, at most 5 times a second),
-    "lines" (a line every tenth of the epoch), "none"."""
+    "lines" (a line every tenth of the epoch, at most one a second), "none". Every drawing
+    reads the loss, which waits for the GPU: hence the limits."""
 
     def __init__(self, mode: str, epoch: int, epochs: int, steps: int, stream: TextIO | None = None):
         self.stream = stream or sys.stdout
@@ -30,9 +31,10 @@ class Progress:
             return False
         if step == self.steps:
             return True
+        since = time.perf_counter() - self.last_draw
         if self.mode == "bar":
-            return time.perf_counter() - self.last_draw >= 0.2
-        return step % self.every == 0
+            return since >= 0.2
+        return step % self.every == 0 and since >= 1.0
 
     def update(self, step: int, images: int, loss: Callable[[], float]) -> None:
         """After ``step`` of ``steps`` steps and ``images`` images (all processes); ``loss``

@@ -2,8 +2,9 @@
 
 ``resume.pt`` holds everything a resumed run needs to continue exactly as if it had not
 stopped: the trainable tensors, optimizer and scheduler state, the number of finished
-epochs and the RNG states of every process. It is written to a temporary file and renamed,
-so a crash leaves the previous epoch's file intact.
+epochs, the best and last epochs' metrics and the RNG states of every process. It is the
+last file an epoch writes: the epoch counts as done once it is there. It is written to a
+temporary file and renamed, so a crash leaves the previous epoch's file intact.
 """
 from __future__ import annotations
 
@@ -31,11 +32,11 @@ def set_rng_state(state: dict[str, torch.Tensor | None], device: torch.device) -
 
 
 def save_resume(path: str, *, epoch: int, step: int, trainable: dict, optimizer, scheduler,
-                rng: list[dict], best: dict, config: dict) -> None:
+                rng: list[dict], best: dict, last: dict, config: dict) -> None:
     state = {"format": _FORMAT, "epoch": epoch, "step": step,
              "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": rng, "world_size": len(rng), "best": best, "config": config}
+             "rng": rng, "world_size": len(rng), "best": best, "last": last, "config": config}
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write(path, buffer.getvalue())
