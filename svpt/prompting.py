@@ -139,9 +139,24 @@ class PromptedViTMixin:
         self.prompter.train(mode)
         return self
 
-    def forward_intermediates(self, *args, **kwargs):
-        raise RuntimeError("forward_intermediates runs the unprompted blocks; on a prompted model "
-                           "use forward_features")
+    def forward_intermediates(self, x, indices=None, return_prefix_tokens=False, norm=False, stop_early=False,
+                              output_fmt="NCHW", intermediates_only=False, output_dict=False, attn_mask=None,
+                              is_causal=False):
+        """timm's ``forward_intermediates`` through the prompted blocks (:mod:`svpt.dense`)."""
+        from . import dense  # dense imports this module
+        return dense.forward_intermediates(self, x, indices, return_prefix_tokens, norm, stop_early, output_fmt,
+                                           intermediates_only, output_dict, attn_mask, is_causal)
+
+    def get_intermediate_layers(self, x, n=1, reshape=False, return_prefix_tokens=False, norm=False,
+                                attn_mask=None):
+        """timm's ``get_intermediate_layers`` through the prompted blocks (:mod:`svpt.dense`)."""
+        from . import dense
+        return dense.get_intermediate_layers(self, x, n, reshape, return_prefix_tokens, norm, attn_mask)
+
+    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
+        """timm's ``prune_intermediate_layers``; the prompts of dropped blocks are kept (:mod:`svpt.dense`)."""
+        from . import dense
+        return dense.prune_intermediate_layers(self, indices, prune_norm, prune_head)
 
 
 _PROMPTED_CLASSES: dict[type, type] = {}
