@@ -21,6 +21,9 @@ from torch.utils.checkpoint import checkpoint
 from ..backends import Kernels, kernels
 
 
+_IDENTITY = nn.Identity()
+
+
 def frozen(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` for a frozen eval-mode backbone layer, without the module call where the layer
     is an identity (dropout in eval too) or a plain Linear / LayerNorm / GELU: the same function,
@@ -105,7 +108,7 @@ def self_attention(block: nn.Module, x: torch.Tensor, kernels: Kernels,
     else:
         out = kernels.prompt_kv_attention(q, k, v, *prompt_kv, attn.scale)
     sal = None if saliency is None else kernels.attention_saliency(q, k, attn.scale, *saliency)
-    out = frozen(attn.norm, out.reshape(batch, tokens, -1))
+    out = frozen(getattr(attn, "norm", _IDENTITY), out.reshape(batch, tokens, -1))  # timm < 1.0.10: no norm
     gate = getattr(attn, "gate", None)  # timm >= 1.0.30 gated attention
     if gate is not None:
         out = out * gate(y).sigmoid()
