@@ -19,6 +19,8 @@ __all__ = ["backbone_fingerprint", "backbone_identity", "check_backbone", "load_
            "prompt_state_dict", "read_prompt_metadata", "save_prompts", "save_prompts_with_run"]
 
 _FORMAT = "svpt-prompts-1"
+_UMASK = os.umask(0)  # read once: reading the umask means setting it, which is not thread-safe
+os.umask(_UMASK)
 
 
 def _require_prompted(model) -> None:
@@ -81,6 +83,7 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run's files get the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

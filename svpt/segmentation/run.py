@@ -202,6 +202,8 @@ def _process(device: str | None) -> _Process:
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda":
+        if device.index is None:  # plain "cuda": this process's GPU
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     return _Process(rank, world, device)
 

@@ -35,12 +35,18 @@ def create_backbone(name: str | None, model_kwargs: dict, img_size: int | None) 
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as exc:
+        # A model that does not take img_size & co. is usually not a ViT: say that, not the TypeError.
+        _require_vit(name, timm.create_model(name, pretrained=False))
         raise ConfigError(f"timm.create_model({name!r}, **{kwargs}) failed: {exc}; check --model-kwargs") from None
+    _require_vit(name, model)
+    return name, model_kwargs, model
+
+
+def _require_vit(name: str, model: nn.Module) -> None:
     from timm.models.vision_transformer import VisionTransformer
     if not isinstance(model, VisionTransformer):
         raise ConfigError(f"--model {name!r} is a {type(model).__name__}; svpt prompts timm VisionTransformer "
                           "models (ViT, DeiT, DINOv2 families, e.g. vit_base_patch16_224)")
-    return name, model_kwargs, model
 
 
 def describe(model: nn.Module) -> str:

@@ -1,6 +1,7 @@
-"""A progress bar (loss, img/s, ETA) on a terminal; plain lines in logs."""
+"""A progress bar (loss, img/s, time left) on a terminal; plain lines in logs."""
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from typing import Callable, TextIO
@@ -45,15 +46,18 @@ class Progress:
         self.last_draw = now
         elapsed = now - self.start
         per_step = elapsed / step
-        eta_epoch = per_step * (self.steps - step)
-        eta_run = eta_epoch + per_step * self.steps * (self.epochs - self.epoch)
-        text = (f"epoch {self.epoch}/{self.epochs} {step}/{self.steps} loss {loss():.4f} "
-                f"{images / max(elapsed, 1e-9):.0f} img/s eta {_clock(eta_epoch)} (run {_clock(eta_run)})")
+        left_epoch = per_step * (self.steps - step)
+        left_run = left_epoch + per_step * self.steps * (self.epochs - self.epoch)  # evaluations not counted
+        text = (f"epoch {self.epoch}/{self.epochs} step {step}/{self.steps} loss {loss():.4f} "
+                f"{images / max(elapsed, 1e-9):.0f} img/s eta {_clock(left_epoch)} left in epoch, "
+                f"about {_clock(left_run)} left in run | epoch elapsed {_clock(elapsed)}")
         if self.mode == "bar":
             width = 24
             filled = width * step // self.steps
             bar = "#" * filled + "." * (width - filled)
-            self.stream.write(f"\r[{bar}] {text}\033[K")
+            # A line longer than the terminal wraps, and "\r" then redraws only its last row.
+            columns = shutil.get_terminal_size().columns
+            self.stream.write(f"\r[{bar}] {text}"[:columns] + "\033[K")
             if step == self.steps:
                 self.stream.write("\n")
         else:
