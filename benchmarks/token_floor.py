@@ -9,7 +9,8 @@ with CUDA events; the median of ``--iters`` steps after warm-up (compilation inc
 warm-up), and the allocator's peak over the timed steps. Rows, each not compiled and compiled:
 the frozen backbone with no prompts (one trainable token added), the token floor (VPT-shallow
 with the same M prompts through timm's blocks), timm VPT-deep with SDPA, a plain-PyTorch SVPT
-with SDPA, and svpt's SVPT, VPT-deep and CVPT on the selected backend. Ratios are taken inside
+with SDPA, the research-code SVPT (svpt's eager backend: T x T probabilities), and svpt's SVPT,
+VPT-deep and CVPT on the selected backend. Ratios are taken inside
 this run. ``--profile`` adds each row's GPU kernel time per step, grouped (torch.profiler).
 Writes OUT.json and OUT.txt.
 """
@@ -38,14 +39,15 @@ def vit(img: int):
     return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100, img_size=img)
 
 
-ROWS = {  # name -> (factory(img, M), uses svpt's backend)
-    "no-prompts": (lambda img, m: NoPromptFloor(vit(img)), False),
-    "token-floor": (lambda img, m: TimmVPTShallow(vit(img), m), False),
-    "timm-vpt-deep": (lambda img, m: TimmVPTDeep(vit(img), m), False),
-    "plain-svpt": (lambda img, m: PlainSVPT(vit(img), m), False),
-    "svpt": (lambda img, m: svpt.prompt(vit(img), "svpt", m), True),
-    "vpt-deep": (lambda img, m: svpt.prompt(vit(img), "vpt-deep", m), True),
-    "cvpt": (lambda img, m: svpt.prompt(vit(img), "cvpt", 10), True),
+ROWS = {  # name -> (factory(img, M), svpt backend: None = --backend)
+    "no-prompts": (lambda img, m: NoPromptFloor(vit(img)), None),
+    "token-floor": (lambda img, m: TimmVPTShallow(vit(img), m), None),
+    "timm-vpt-deep": (lambda img, m: TimmVPTDeep(vit(img), m), None),
+    "plain-svpt": (lambda img, m: PlainSVPT(vit(img), m), None),
+    "research-svpt": (lambda img, m: svpt.prompt(vit(img), "svpt", m), "eager"),  # T x T probabilities
+    "svpt": (lambda img, m: svpt.prompt(vit(img), "svpt", m), None),
+    "vpt-deep": (lambda img, m: svpt.prompt(vit(img), "vpt-deep", m), None),
+    "cvpt": (lambda img, m: svpt.prompt(vit(img), "cvpt", 10), None),
 }
 
 
@@ -81,7 +83,12 @@ def kernel_ms(step, steps: int = 5) -> dict[str, float]:
 
 
 def measure(name: str, compiled: bool, args, images, labels) -> dict:
-    factory, _ = ROWS[name]
+    factory, backend = ROWS[name]
+    with svpt.backend(backend or args.backend):
+        return _measure(name, factory, compiled, args, images, labels)
+
+
+def _measure(name: str, factory, compiled: bool, args, images, labels) -> dict:
     model = factory(args.img, args.num_prompts).cuda()
     step = make_step(model, images, labels, compiled)
     for _ in range(args.warmup):
@@ -121,7 +128,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.txt")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True  # bf16 autocast: fp32 leftovers as users run them
-    svpt.set_backend(args.backend)
     images = torch.randn(args.batch, 3, args.img, args.img, device="cuda")
     labels = torch.randint(0, 100, (args.batch,), device="cuda")
     modes = {"no": (False,), "yes": (True,), "both": (False, True)}[args.compiled]
