@@ -6,7 +6,10 @@ environment would otherwise pull a second torch and break the ABI match).
 
 What gets built:
   * CPU kernels (csrc/ops.cpp, csrc/cpu/*.cpp), always, with OpenMP through ATen;
-  * CUDA kernels (csrc/cuda/*.cu) when nvcc is found and torch is a CUDA build.
+  * CUDA kernels (csrc/cuda/*.cu) when a GPU is visible or TORCH_CUDA_ARCH_LIST names one (and nvcc
+    and a CUDA build of torch are there), or when SVPT_BUILD_CUDA=1 asks for them.
+The object files stay in build/svpt-ext-*/ between installs: a second install of an unchanged tree
+only relinks (ninja recompiles the sources that changed).
 If the extension cannot be built (no torch at build time, no compiler, a compile error),
 the install still succeeds, prints why, and svpt runs on its other backends; ``svpt env``
 says whether the extension is loaded.
@@ -15,11 +18,13 @@ Environment variables:
   SVPT_BUILD_EXT    auto (default): build if possible, carry on without it otherwise;
                     0: do not build the extension; 1: build it and fail the install if
                     that fails.
-  SVPT_BUILD_CUDA   auto (default): add the CUDA kernels when nvcc and a CUDA torch are
-                    present; 0: CPU kernels only (much faster build); 1: CUDA kernels
-                    required (the install fails without them).
-  TORCH_CUDA_ARCH_LIST  GPU architectures for nvcc (torch's variable). Defaults to the
-                    visible GPUs, or to "9.0" (H100/H200) when no GPU is visible.
+  SVPT_BUILD_CUDA   auto (default): add the CUDA kernels for the visible GPUs or for
+                    TORCH_CUDA_ARCH_LIST, when nvcc and a CUDA torch are present (none of
+                    these: CPU kernels only); 0: CPU kernels only (much faster build); 1: CUDA
+                    kernels required (the install fails without them).
+  TORCH_CUDA_ARCH_LIST  GPU architectures for nvcc (torch's variable); setting it asks for the
+                    CUDA kernels in auto mode. Defaults to the visible GPUs, or to "9.0"
+                    (H100/H200) with SVPT_BUILD_CUDA=1 and no GPU visible.
   MAX_JOBS          parallel compile jobs (torch's variable). Defaults to the number of
                     cores, bounded by free memory (nvcc needs several GB per job).
 """
@@ -29,14 +34,16 @@ import copy
 import os
 import shutil
 import sys
+import sysconfig
 
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/softmax.cpp", "csrc/cpu/da_mix.cpp", "csrc/cpu/prompt_attention.cpp",
-               "csrc/cpu/folded_cross_attention.cpp", "csrc/cpu/ae_update.cpp"]
-CUDA_SOURCES = ["csrc/cuda/da_mix.cu", "csrc/cuda/prompt_attention.cu", "csrc/cuda/folded_cross_attention.cu",
-                "csrc/cuda/ae_update.cu"]
+CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/softmax.cpp", "csrc/cpu/da_mix.cpp", "csrc/cpu/ae_update.cpp",
+               "csrc/cpu/attention_saliency.cpp", "csrc/cpu/prompt_attention.cpp",
+               "csrc/cpu/folded_cross_attention.cpp"]
+CUDA_SOURCES = ["csrc/cuda/da_mix.cu", "csrc/cuda/ae_update.cu", "csrc/cuda/attention_saliency.cu",
+                "csrc/cuda/prompt_attention.cu", "csrc/cuda/folded_cross_attention.cu"]
 
 
 def _say(msg: str) -> None:
@@ -106,17 +113,52 @@ def _set_cuda_home() -> None:
             return
 
 
+def decide_cuda(mode: str, torch_cuda: str | None, visible_gpus: int, arch_list: str | None,
+                have_nvcc: bool) -> tuple[bool, str]:
+    """Whether to compile the CUDA kernels, and why (or why not), from the facts of this build:
+    ``SVPT_BUILD_CUDA`` (``mode``: auto, 0 or 1), torch's CUDA version (``None``: a CPU torch), the
+    GPUs torch sees, ``TORCH_CUDA_ARCH_LIST`` and whether nvcc is there. In auto mode the kernels
+    are built only for a GPU that is visible or named by TORCH_CUDA_ARCH_LIST: nvcc alone (a CPU
+    machine with the toolkit installed) is no reason to spend minutes on kernels nothing here can
+    run. SVPT_BUILD_CUDA=1 asks for them (the install fails if they cannot be built)."""
+    if mode == "0":
+        return False, "SVPT_BUILD_CUDA=0"
+    if mode == "auto" and not visible_gpus and not arch_list:
+        return False, ("no GPU is visible and TORCH_CUDA_ARCH_LIST is not set; set TORCH_CUDA_ARCH_LIST "
+                       "(e.g. 9.0) or SVPT_BUILD_CUDA=1 to build them for another machine's GPU")
+    if torch_cuda is None:
+        why = "torch is not a CUDA build"
+    elif not have_nvcc:
+        why = "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    else:
+        targets = arch_list or ("the visible GPUs" if visible_gpus else "9.0 (H100/H200; no GPU is visible)")
+        return True, f"TORCH_CUDA_ARCH_LIST={targets}"
+    if mode == "1":
+        raise SystemExit(f"svpt setup: SVPT_BUILD_CUDA=1 but the CUDA kernels cannot be built: {why}")
+    return False, why
+
+
+def _have_nvcc() -> bool:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    return shutil.which("nvcc") is not None or bool(home and os.path.exists(os.path.join(home, "bin", "nvcc")))
+
+
+def build_dir(with_cuda: bool) -> str:
+    """Where the object files live between installs: in the source tree (build/ is ignored by git),
+    one folder per interpreter and kernel set, so that a second ``pip install -e .`` of an unchanged
+    tree only relinks (pip's editable build would otherwise compile in a fresh temporary folder)."""
+    tag = f"{sys.implementation.cache_tag}-{sysconfig.get_platform()}-{'cuda' if with_cuda else 'cpu'}"
+    return os.path.join(HERE, "build", f"svpt-ext-{tag}")
+
+
 def _extensions():
     """(ext_modules, cmdclass) for setup(); empty when the extension is not built."""
     build_ext_mode = _mode("SVPT_BUILD_EXT")
     if build_ext_mode == "0":
         _say("SVPT_BUILD_EXT=0: the C++/CUDA extension is not built; backend 'cpp' will be unusable")
         return [], {}
-    if _mode("SVPT_BUILD_CUDA") != "0":
-        _set_cuda_home()  # before torch.utils.cpp_extension reads it
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except Exception as exc:
         msg = (f"the C++/CUDA extension is not built: torch is not importable at build time "
                f"({type(exc).__name__}: {exc}); install torch first, then pip install --no-build-isolation .")
@@ -126,20 +168,14 @@ def _extensions():
         return [], {}
 
     cuda_mode = _mode("SVPT_BUILD_CUDA")
-    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
-    have_nvcc = bool(nvcc) and os.path.exists(nvcc)
-    cuda_why_not = None
-    if cuda_mode == "0":
-        cuda_why_not = "SVPT_BUILD_CUDA=0"
-    elif torch.version.cuda is None:
-        cuda_why_not = f"torch {torch.__version__} is not a CUDA build"
-    elif not have_nvcc:
-        cuda_why_not = "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
-    if cuda_why_not and cuda_mode == "1":
-        raise SystemExit(f"svpt setup: SVPT_BUILD_CUDA=1 but the CUDA kernels cannot be built: {cuda_why_not}")
-    with_cuda = cuda_why_not is None
-    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # no GPU to ask: target the H100/H200
+    gpus = torch.cuda.device_count() if torch.version.cuda is not None else 0
+    with_cuda, cuda_why = decide_cuda(cuda_mode, torch.version.cuda, gpus, os.environ.get("TORCH_CUDA_ARCH_LIST"),
+                                      _have_nvcc())
+    if with_cuda:
+        _set_cuda_home()  # before torch.utils.cpp_extension reads it
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not gpus:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # SVPT_BUILD_CUDA=1 with no GPU to ask: the H100/H200
     _set_max_jobs(with_cuda)
 
     linux = sys.platform.startswith("linux")
@@ -187,6 +223,10 @@ def _extensions():
                 with open(path, "w") as f:
                     f.write(why + "\n")
 
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = build_dir(with_cuda)  # kept between installs: ninja recompiles what changed
+
         def build_extensions(self):
             self._record(None)
             try:
@@ -197,6 +237,7 @@ def _extensions():
             if with_cuda and cuda_mode == "auto" and build_ext_mode == "auto":
                 _say(f"building the CUDA kernels failed ({why}); retrying with the CPU kernels only")
                 cpu_ext = make(False)
+                self.build_temp = build_dir(False)
                 for ext in self.extensions:  # keep the finalized Extension, swap what it compiles
                     for attr in ("sources", "extra_compile_args", "define_macros", "include_dirs", "libraries",
                                  "library_dirs", "runtime_library_dirs", "extra_link_args"):
@@ -216,11 +257,11 @@ def _extensions():
             _say(f"the C++/CUDA extension was NOT built ({why}; the compiler output is above); svpt works "
                  "without it, but backend 'cpp' is unusable (see `svpt env`)")
 
-    what = ("CPU and CUDA kernels (TORCH_CUDA_ARCH_LIST=" + os.environ.get("TORCH_CUDA_ARCH_LIST", "<visible GPUs>")
-            + ")") if with_cuda else f"CPU kernels only ({cuda_why_not})"
+    what = f"CPU and CUDA kernels ({cuda_why})" if with_cuda else f"CPU kernels only (no CUDA kernels: {cuda_why})"
     _say(f"building the C++ extension svpt_kernels._C with {what}, MAX_JOBS={os.environ['MAX_JOBS']}")
     return [make(with_cuda)], {"build_ext": SvptBuildExt.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # (tests/test_build.py imports this file for decide_cuda)
+    ext_modules, cmdclass = _extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

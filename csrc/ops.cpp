@@ -1,6 +1,11 @@
-// Registers svpt's fused ops with the torch dispatcher as torch.ops.svpt_cpp.*:
-// a forward and a backward per op, CPU kernels always, CUDA kernels when built with nvcc
-// (SVPT_WITH_CUDA). The autograd wiring is in svpt_kernels/cpp.py.
+// Registers svpt's fused ops with the torch dispatcher as torch.ops.svpt_cpp.*: a forward and a
+// backward per differentiable op (attention_saliency has no gradient), CPU kernels always, CUDA
+// kernels when built with nvcc (SVPT_WITH_CUDA). The autograd wiring (torch.autograd.Function,
+// first-order only) and the fake kernels for torch.compile are in svpt_kernels/cpp.py; at the
+// Autograd key the ops only run below autograd (below_autograd), so none returns tensors with
+// autograd history.
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/grad_mode.h>
 #include <Python.h>
 #include <torch/library.h>
 
@@ -32,14 +37,22 @@ bool has_cuda() {
 }
 }  // namespace
 
+// Schemas: "(a!)" marks the buffer an op writes in place (only the rows it changes).
 TORCH_LIBRARY(svpt_cpp, m) {
-  m.def("da_mix_fwd(Tensor tokens, Tensor prompts, Tensor weight, Tensor bias, int num_prefix) -> Tensor");
+  m.def("da_mix_fwd(Tensor(a!) tokens, Tensor prompts, Tensor weight, Tensor bias, int num_prefix) -> Tensor");
   m.def(
-      "da_mix_bwd(Tensor grad, Tensor tokens, Tensor prompts, Tensor weight, Tensor bias, int num_prefix)"
-      " -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "prompt_attention_fwd(Tensor q, Tensor k, Tensor v, float scale, int sal_start, int sal_count, int sal_cols)"
+      "da_mix_bwd(Tensor(a!) grad, Tensor prev, Tensor prompts, Tensor weight, Tensor bias, int num_prefix)"
       " -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "attention_saliency(Tensor q, Tensor k, float scale, int row_start, int row_count, int col_start)"
+      " -> Tensor");
+  m.def(
+      "ae_update_fwd(Tensor(a!) h, Tensor saliency, Tensor scale, int num_prefix, int num_prompts, int k)"
+      " -> (Tensor, Tensor)");
+  m.def(
+      "ae_update_bwd(Tensor(a!) grad, Tensor mean, Tensor index, Tensor scale, int num_prefix, int num_prompts)"
+      " -> Tensor");
+  m.def("prompt_attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
   m.def(
       "prompt_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale)"
       " -> (Tensor, Tensor, Tensor)");
@@ -55,43 +68,49 @@ TORCH_LIBRARY(svpt_cpp, m) {
   m.def(
       "folded_cross_attention_bwd(Tensor grad, Tensor x, Tensor w_logits, Tensor? b_logits, Tensor w_values,"
       " bool has_bias, bool add_x) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "ae_update_fwd(Tensor tokens, Tensor attn_out, Tensor saliency, Tensor scale, int num_prefix, int num_prompts,"
-      " int k) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "ae_update_bwd(Tensor grad, Tensor rows, Tensor mean, Tensor scale, int num_prefix, int num_prompts)"
-      " -> (Tensor, Tensor)");
   m.def("has_cuda() -> bool", &has_cuda);
   m.def("build_info() -> str", &build_info);
 }
 
-TORCH_LIBRARY_IMPL(svpt_cpp, CPU, m) {
-  m.impl("da_mix_fwd", &svpt::da_mix_fwd_cpu);
-  m.impl("da_mix_bwd", &svpt::da_mix_bwd_cpu);
-  m.impl("prompt_attention_fwd", &svpt::prompt_attention_fwd_cpu);
-  m.impl("prompt_attention_bwd", &svpt::prompt_attention_bwd_cpu);
-  m.impl("prompt_kv_attention_fwd", &svpt::prompt_kv_attention_fwd_cpu);
-  m.impl("prompt_kv_attention_bwd", &svpt::prompt_kv_attention_bwd_cpu);
-  m.impl("folded_cross_attention_fwd", &svpt::folded_cross_attention_fwd_cpu);
-  m.impl("folded_cross_attention_bwd", &svpt::folded_cross_attention_bwd_cpu);
-  m.impl("ae_update_fwd", &svpt::ae_update_fwd_cpu);
-  m.impl("ae_update_bwd", &svpt::ae_update_bwd_cpu);
-}
+// Every op with kernels, as X(name).
+#define SVPT_OPS(X)                                                                                          \
+  X(da_mix_fwd) X(da_mix_bwd) X(attention_saliency) X(ae_update_fwd) X(ae_update_bwd) X(prompt_attention_fwd) \
+  X(prompt_attention_bwd) X(prompt_kv_attention_fwd) X(prompt_kv_attention_bwd) X(folded_cross_attention_fwd)  \
+  X(folded_cross_attention_bwd)
+
+#define SVPT_IMPL_CPU(name) m.impl(#name, &svpt::name##_cpu);
+TORCH_LIBRARY_IMPL(svpt_cpp, CPU, m) { SVPT_OPS(SVPT_IMPL_CPU) }
 
 #ifdef SVPT_WITH_CUDA
-TORCH_LIBRARY_IMPL(svpt_cpp, CUDA, m) {
-  m.impl("da_mix_fwd", &svpt::da_mix_fwd_cuda);
-  m.impl("da_mix_bwd", &svpt::da_mix_bwd_cuda);
-  m.impl("prompt_attention_fwd", &svpt::prompt_attention_fwd_cuda);
-  m.impl("prompt_attention_bwd", &svpt::prompt_attention_bwd_cuda);
-  m.impl("prompt_kv_attention_fwd", &svpt::prompt_kv_attention_fwd_cuda);
-  m.impl("prompt_kv_attention_bwd", &svpt::prompt_kv_attention_bwd_cuda);
-  m.impl("folded_cross_attention_fwd", &svpt::folded_cross_attention_fwd_cuda);
-  m.impl("folded_cross_attention_bwd", &svpt::folded_cross_attention_bwd_cuda);
-  m.impl("ae_update_fwd", &svpt::ae_update_fwd_cuda);
-  m.impl("ae_update_bwd", &svpt::ae_update_bwd_cuda);
-}
+#define SVPT_IMPL_CUDA(name) m.impl(#name, &svpt::name##_cuda);
+TORCH_LIBRARY_IMPL(svpt_cpp, CUDA, m) { SVPT_OPS(SVPT_IMPL_CUDA) }
 #endif
+
+namespace {
+// Every op's Autograd kernel. The kernels record no gradient (the autograd Functions of
+// svpt_kernels/cpp.py do), so they run below autograd and what they return does not require grad.
+// A buffer an op writes in place gets its version bumped (if a tensor saved for backward is
+// overwritten, backward says so); one that requires grad is refused while grad mode is on, since
+// the write would not be recorded in the graph.
+void below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack->size() - args.size();
+  for (size_t i = 0; i < args.size(); ++i) {
+    const c10::AliasInfo* alias = args[i].alias_info();
+    if (alias == nullptr || !alias->isWrite()) continue;
+    const at::Tensor& t = (*stack)[first + i].toTensor();
+    TORCH_CHECK(!(t.requires_grad() && at::GradMode::is_enabled()), op.schema().name(), " writes ", args[i].name(),
+                " in place and records no gradient, but ", args[i].name(),
+                " requires grad: call it through svpt_kernels.cpp (svpt.ops), whose autograd Functions record it");
+    t.unsafeGetTensorImpl()->bump_version();
+  }
+  const at::AutoDispatchBelowADInplaceOrView below;
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+}
+}  // namespace
+
+#define SVPT_IMPL_AUTOGRAD(name) m.impl(#name, torch::CppFunction::makeFromBoxedFunction<&below_autograd>());
+TORCH_LIBRARY_IMPL(svpt_cpp, Autograd, m) { SVPT_OPS(SVPT_IMPL_AUTOGRAD) }
 
 // Importing svpt_kernels._C loads this library, which registers the ops above; the Python
 // module itself is empty.

@@ -1,11 +1,23 @@
 """svpt's C++/CUDA backend: the compiled extension ``svpt_kernels._C`` (sources in csrc/).
 
 Importing ``_C`` registers the ops ``torch.ops.svpt_cpp.*`` (a forward and a backward per
-op; CPU kernels always, CUDA kernels when it was built with nvcc). This module wraps them
-in ``torch.autograd.Function``s and exposes every op of :mod:`svpt.ops` (the two exact fast
-paths included) with exactly the signatures of :mod:`svpt.reference`. Mixed input dtypes are
-promoted as the reference promotes them before the kernels run; on CPU, float16/bfloat16
-inputs are computed in float32 (the CPU kernels are float32/float64) and the result is cast back.
+differentiable op; CPU kernels always, CUDA kernels when it was built with nvcc). This module
+wraps them in ``torch.autograd.Function``s and exposes every op of :mod:`svpt.ops` (the two exact
+fast paths included) with exactly the signatures of :mod:`svpt.reference`, and registers the
+ops' fake kernels so that ``torch.compile`` traces them.
+
+Gradients are first order: every backward raises an error naming the op when a differentiable
+gradient is asked (``create_graph=True``), instead of returning a silently wrong or missing
+second-order gradient (``gradgradcheck`` fails with that error; :func:`_first_order`).
+``da_mix`` and ``ae_update`` work in place on the rows they change, forward and backward, as
+:mod:`svpt.ops` specifies; their backward updates the incoming gradient's few rows in place too
+(:func:`_writable`).
+
+Dtypes: the inputs are promoted as the reference promotes them. On CPU, float16/bfloat16 are
+computed in float32 (attention casts its inputs to float32 and the result back; da_mix,
+ae_update and the saliency read and write the half types and accumulate in float32). On CUDA,
+16-bit attention is handed to PyTorch's fused attention (declared in ``PREFER``; the VPT-deep
+fast path calls ATen's FlashAttention kernels itself, see :func:`prompt_kv_attention`).
 
 If the extension was not built or does not load, this module still imports and
 :func:`why_unusable` says why; ``svpt env`` shows it.
@@ -19,25 +31,47 @@ import os
 
 import torch
 
-__all__ = ["AUTO_DEVICE_TYPES", "FAST_PATHS", "SUPPORTS", "build_info", "folded_cross_attention",
-           "prompt_attention", "prompt_kv_attention", "why_unusable"]
+__all__ = ["AUTO_DEVICE_TYPES", "FAST_PATHS", "PREFER", "SUPPORTS", "ae_update", "attention_saliency", "build_info",
+           "da_mix", "folded_cross_attention", "prompt_attention", "prompt_kv_attention", "why_unusable"]
 
-# "auto" uses the CUDA kernels nowhere yet: they are correct but slower than eager's cuBLAS path
-# (attention fwd+bwd at B=64, T=247 on an H200: 12.3 ms vs 2.1 ms fp32, 1.4 ms bf16;
-# benchmarks/results/cpp_gpu_tests.txt). svpt.set_backend("cpp") still runs them.
+_HALF = (torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float64, *_HALF)  # half types: float32 arithmetic on CPU
+
+# "auto" picks this backend on CPU only: its CUDA kernels have not been measured against the
+# Triton backend yet (benchmarks/cpp_cuda_step.py does that; svpt.set_backend("cpp") runs them).
 AUTO_DEVICE_TYPES = ("cpu",)
 # The fast paths the methods use on this backend, per device type (svpt.backends.has_fast_path).
 # CPU: both measured faster than the plain path, training step of ViT-Tiny/16 at 224, batch 32,
 # fp32, 2 cores (median of paired steps): VPT-deep M=50 1.27x (1.58 vs 2.04 s), CVPT M=10 1.09x
-# (1.30 vs 1.41 s); benchmarks/results/cpp_cpu_fast_paths.txt. CUDA: none; not measured on a GPU
-# (tests/gpu/test_cpp_gpu.py::test_fast_path_ops_speed_vit_b16 records the op times), and "auto"
-# does not pick this backend there.
-FAST_PATHS = {"cpu": ("prompt_kv_attention", "folded_cross_attention"), "cuda": ()}
-# What the extension computes itself (svpt.backends hands the rest to the reference, saying so).
-# The row-local in-place da_mix / ae_update and the saliency rows are not in C++ yet.
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # half types: fp32 on CPU
-SUPPORTS = {op: {"devices": ("cpu", "cuda"), "dtypes": _DTYPES}
-            for op in ("prompt_attention", "prompt_kv_attention", "folded_cross_attention")}
+# (1.30 vs 1.41 s); benchmarks/results/cpp_cpu_fast_paths.txt. CUDA: listed because the plain paths
+# do strictly more work (VPT-deep's runs the M prompt rows through every block, 25% more tokens at
+# M=50 on ViT-B/16; CVPT's runs the cross-attention's query and output projections per token, and
+# the fold applies only where it is cheaper, svpt.methods.cvpt.fold_pays); the Triton backend's
+# measurements of the same two paths agree (fast_path_step_h200.txt). The cpp rows are measured by
+# benchmarks/cpp_cuda_step.py.
+FAST_PATHS = {"cpu": ("prompt_kv_attention", "folded_cross_attention"),
+              "cuda": ("prompt_kv_attention", "folded_cross_attention")}
+_ALL = {"devices": ("cpu", "cuda"), "dtypes": _DTYPES}
+# The CUDA attention kernels keep a head's row in registers: head dims up to 128 (the saliency
+# kernel stages rows in shared memory: up to 256). The limits apply on CPU too (one spec per op).
+SUPPORTS = {
+    "da_mix": _ALL,
+    "ae_update": _ALL,
+    "attention_saliency": {**_ALL, "limits": {"head_dim": 256}},
+    "prompt_attention": {**_ALL, "limits": {"head_dim": 128}},
+    "prompt_kv_attention": {**_ALL, "limits": {"head_dim": 128}},
+    "folded_cross_attention": _ALL,
+}
+# 16-bit attention with nothing to fuse on CUDA: cuDNN / FlashAttention through SDPA. Measured on an
+# H200, attention forward + backward at B=64, T=247, 12 heads of 64: this extension's kernel 12.3 ms,
+# SDPA 1.4 ms in bf16 (benchmarks/results/cpp_gpu_tests.txt). CPU: nothing handed over, every op
+# measured faster than eager at the op benchmark's shapes, forward and forward+backward (1.16x to
+# 3.0x, 2 cores; benchmarks/results/cpp_cpu_ops.txt).
+PREFER = {
+    "prompt_attention": [{"devices": ("cuda",), "dtypes": _HALF, "use": "sdpa",
+                          "why": "measured: SDPA (cuDNN/FlashAttention) 1.4 ms vs 12.3 ms for this extension's "
+                                 "kernel, bf16 attention fwd+bwd at B=64, T=247 on an H200"}],
+}
 _BUILD_RECORD = "_C_not_built.txt"  # written by setup.py when the build was skipped or failed
 
 
@@ -106,8 +140,9 @@ def why_unusable(device: torch.device | str | None = None) -> str | None:
 @functools.lru_cache(maxsize=None)  # asked on every op call (svpt.backends.resolve): answer once per GPU
 def _why_not_cuda(index: int | None) -> str | None:
     if not _has_cuda_kernels():
-        return (f"the C++ extension was built without CUDA kernels ({_ops.build_info()}); reinstall with nvcc on "
-                "PATH and a CUDA build of torch (SVPT_BUILD_CUDA=1 makes that an error)")
+        return (f"the C++ extension was built without CUDA kernels ({_ops.build_info()}); they are built when a GPU "
+                "is visible at install time or TORCH_CUDA_ARCH_LIST / SVPT_BUILD_CUDA=1 asks for them, with nvcc and "
+                "a CUDA build of torch: pip install --no-build-isolation -e . (docs/cpp.md)")
     if not torch.cuda.is_available():
         return "no CUDA device is available to torch"
     major, minor = torch.cuda.get_device_capability(index)
@@ -122,42 +157,135 @@ def _why_not_cuda(index: int | None) -> str | None:
 
 
 def _kernel_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    # CPU kernels are float32/float64; half types run in float32 there (exact upcast).
-    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+    # The CPU attention kernels are float32/float64; half types run in float32 there (exact upcast).
+    if device.type == "cpu" and dtype in _HALF:
         return torch.float32
     return dtype
 
 
 def _require(device: torch.device) -> None:
+    if torch.compiler.is_compiling():
+        return  # checked when svpt.backends resolved this backend for the traced forward
     reason = why_unusable(device)
     if reason is not None:
         raise RuntimeError(f"svpt backend 'cpp' cannot run on {device}: {reason}")
 
 
+def _first_order(op: str):
+    """Decorator for the backward of ``op``'s Function: it computes the first-order gradient (with
+    no autograd graph); asked for a differentiable one (``create_graph=True``: a double backward,
+    ``gradgradcheck``), it raises at once. (``once_differentiable`` alone would let
+    ``torch.autograd.grad(..., allow_unused=True)`` of a second-order gradient return ``None``: its
+    error node is not on the path to the inputs.)"""
+    def wrap(backward):
+        @functools.wraps(backward)
+        def run(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"svpt backend 'cpp': {op} has first-order gradients only, and a differentiable gradient was "
+                    "asked (create_graph=True: a double backward, a gradient penalty, gradgradcheck); run it on "
+                    "backend 'eager' for higher-order gradients (svpt.set_backend('eager'))")
+            return backward(ctx, *grads)
+        return run
+    return wrap
+
+
+def _writable(grad: torch.Tensor) -> torch.Tensor:
+    """The incoming gradient of an in-place op's output, to be updated on the rows the op changed:
+    it is the gradient of the buffer the op wrote, which autograd hands to this node only (unless
+    the caller passes it to ``backward`` as the output's gradient). Copied first when it is expanded
+    or strided (e.g. from ``sum().backward()``) or requires grad (a cotangent its caller keeps)."""
+    if grad.requires_grad or grad.stride(-1) != 1 or 0 in grad.stride():
+        return grad.detach().contiguous() if not grad.is_contiguous() else grad.detach().clone()
+    return grad
+
+
+# ------------------------------------------------------------------------------------ da_mix
+class _DaMix(torch.autograd.Function):
+    """In place on the prompt rows; saves their old values [B, M, d], never the [B, T, d] buffer."""
+
+    @staticmethod
+    def forward(ctx, tokens, prompts, weight, bias, num_prefix):
+        prev = _ops.da_mix_fwd(tokens, prompts, weight, bias, num_prefix)
+        ctx.mark_dirty(tokens)
+        ctx.save_for_backward(prev, prompts, weight, bias)
+        ctx.num_prefix = num_prefix
+        return tokens
+
+    @staticmethod
+    @_first_order("da_mix")
+    def backward(ctx, grad):
+        prev, prompts, weight, bias = ctx.saved_tensors
+        grad = _writable(grad)
+        grads = _ops.da_mix_bwd(grad, prev, prompts, weight, bias, ctx.num_prefix)
+        return (grad, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:4])), None)
+
+
+def da_mix(tokens, prompts, weight, bias, num_prefix):
+    _require(tokens.device)
+    return _DaMix.apply(tokens, prompts.to(tokens.dtype), weight, bias.reshape(()), num_prefix)
+
+
+# -------------------------------------------------------------------------- attention_saliency
+def attention_saliency(q, k, scale, saliency_rows, saliency_cols):
+    _require(q.device)
+    dtype = torch.promote_types(q.dtype, k.dtype)
+    start, count = saliency_rows
+    return _ops.attention_saliency(q.detach().to(dtype), k.detach().to(dtype), float(scale), int(start), int(count),
+                                   int(saliency_cols))
+
+
+# --------------------------------------------------------------------------------- ae_update
+class _AeUpdate(torch.autograd.Function):
+    """In place on the k selected rows; saves the prompt-row mean [B, d] and the indices."""
+
+    @staticmethod
+    def forward(ctx, h, saliency, scale, num_prefix, num_prompts, k):
+        mean, index = _ops.ae_update_fwd(h, saliency, scale, num_prefix, num_prompts, k)
+        ctx.mark_dirty(h)
+        ctx.save_for_backward(mean, index, scale)
+        ctx.num_prefix, ctx.num_prompts = num_prefix, num_prompts
+        return h
+
+    @staticmethod
+    @_first_order("ae_update")
+    def backward(ctx, grad):
+        mean, index, scale = ctx.saved_tensors
+        grad = _writable(grad)
+        grad_scale = _ops.ae_update_bwd(grad, mean, index, scale, ctx.num_prefix, ctx.num_prompts)
+        return grad, None, grad_scale if ctx.needs_input_grad[2] else None, None, None, None
+
+
+def ae_update(h, saliency, scale, num_prefix, num_prompts, k):
+    _require(h.device)
+    return _AeUpdate.apply(h, saliency.detach(), scale.reshape(()), num_prefix, num_prompts, k)
+
+
 # ----------------------------------------------------------------------- prompt_attention
 class _PromptAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, start, count, cols):
-        out, lse, saliency = _ops.prompt_attention_fwd(q, k, v, scale, start, count, cols)
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(ctx, q, k, v, scale):
+        out, lse = _ops.prompt_attention_fwd(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)  # lse, never the probabilities
         ctx.scale = scale
-        ctx.mark_non_differentiable(saliency)
-        return out, saliency
+        return out
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_saliency):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ops.prompt_attention_bwd(grad_out, q, k, v, out, lse, ctx.scale)
-        need = ctx.needs_input_grad
-        return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None, None)
+    @_first_order("prompt_attention")
+    def backward(ctx, grad_out):
+        grads = _ops.prompt_attention_bwd(grad_out, *ctx.saved_tensors, ctx.scale)
+        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None)
+
+
+def _promoted(*tensors: torch.Tensor) -> torch.dtype:
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors[1:]), tensors[0].dtype)
 
 
 def prompt_attention(q, k, v, scale):
     _require(q.device)
-    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    dtype = _promoted(q, k, v)
     kdt = _kernel_dtype(dtype, q.device)
-    out, _ = _PromptAttention.apply(q.to(kdt), k.to(kdt), v.to(kdt), float(scale), 0, 0, 0)
-    return out.to(dtype)
+    return _PromptAttention.apply(q.to(kdt), k.to(kdt), v.to(kdt), float(scale)).to(dtype)
 
 
 # -------------------------------------------------------------------- prompt_kv_attention
@@ -170,17 +298,85 @@ class _PromptKVAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_first_order("prompt_kv_attention")
     def backward(ctx, grad_out):
         grads = _ops.prompt_kv_attention_bwd(grad_out, *ctx.saved_tensors, ctx.scale)
         return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None)
 
 
+def _segments(q, k, v, prompt_k, prompt_v):
+    """[prompt_k; k] and [prompt_v; v] in SDPA's [B, H, T, D] layout (the prompt segment expanded
+    over the batch)."""
+    batch = q.shape[0]
+    k_all = torch.cat([prompt_k.expand(batch, -1, -1, -1), k], dim=1)
+    v_all = torch.cat([prompt_v.expand(batch, -1, -1, -1), v], dim=1)
+    return k_all.transpose(1, 2), v_all.transpose(1, 2)
+
+
+class _FlashKVAttention(torch.autograd.Function):
+    """16-bit prompt_kv_attention on CUDA through ATen's FlashAttention kernels. The concatenated
+    keys/values exist only inside the forward and the backward (rebuilt there, one cheap copy):
+    what is kept for backward is the inputs, the output and the row log-sum-exp, as for the
+    extension's own kernels, never a second copy of the sequence's keys and values."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prompt_k, prompt_v, scale):
+        k_all, v_all = _segments(q, k, v, prompt_k, prompt_v)
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+            q.transpose(1, 2), k_all, v_all, 0.0, False, False, scale=scale)
+        ctx.save_for_backward(q, k, v, prompt_k, prompt_v, out, lse, seed, offset)
+        ctx.rest = (cum_q, cum_k, max_q, max_k, scale)
+        return out.transpose(1, 2)
+
+    @staticmethod
+    @_first_order("prompt_kv_attention")
+    def backward(ctx, grad_out):
+        q, k, v, prompt_k, prompt_v, out, lse, seed, offset = ctx.saved_tensors
+        cum_q, cum_k, max_q, max_k, scale = ctx.rest
+        k_all, v_all = _segments(q, k, v, prompt_k, prompt_v)
+        grad = grad_out.transpose(1, 2)
+        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+        dq, dk_all, dv_all = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            grad, q.transpose(1, 2), k_all, v_all, out, lse, cum_q, cum_k, max_q, max_k, 0.0, False, seed, offset,
+            scale=scale)
+        dq, dk_all, dv_all = (t.transpose(1, 2) for t in (dq, dk_all, dv_all))
+        prompts = prompt_k.shape[1]
+        batch_1 = prompt_k.shape[0] == 1 and q.shape[0] != 1
+
+        def prompt_grad(g):
+            g = g[:, :prompts]
+            return g.sum(0, keepdim=True) if batch_1 else g
+        return dq, dk_all[:, prompts:], dv_all[:, prompts:], prompt_grad(dk_all), prompt_grad(dv_all), None
+
+
+_FLASH_CAPABLE: dict[int | None, bool] = {}  # per GPU index (a plain dict: torch.compile traces it)
+
+
+def _flash_capable(index: int | None) -> bool:
+    if index not in _FLASH_CAPABLE:
+        available = getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)()
+        _FLASH_CAPABLE[index] = available and torch.cuda.get_device_capability(index) >= (8, 0)
+    return _FLASH_CAPABLE[index]
+
+
+def _flash_applies(q: torch.Tensor, dtype: torch.dtype) -> bool:
+    """ATen's FlashAttention takes 16-bit inputs with head dims that are multiples of 8, up to 256,
+    on sm80 and newer GPUs of a torch built with it."""
+    dim = q.shape[-1]
+    return q.is_cuda and dtype in _HALF and dim % 8 == 0 and dim <= 256 and _flash_capable(q.device.index)
+
+
 def prompt_kv_attention(q, k, v, prompt_k, prompt_v, scale):
+    """On CUDA in 16-bit (where FlashAttention applies) ATen's FlashAttention kernels over the
+    concatenated segments; elsewhere this extension's kernels, which read the segments in turn."""
     _require(q.device)
-    dtype = functools.reduce(torch.promote_types, (t.dtype for t in (k, v, prompt_k, prompt_v)), q.dtype)
+    dtype = _promoted(q, k, v, prompt_k, prompt_v)
     kdt = _kernel_dtype(dtype, q.device)
-    out = _PromptKVAttention.apply(*(t.to(kdt) for t in (q, k, v, prompt_k, prompt_v)), float(scale))
-    return out.to(dtype)
+    tensors = [t.to(kdt) for t in (q, k, v, prompt_k, prompt_v)]
+    if _flash_applies(q, kdt):
+        tensors = [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
+        return _FlashKVAttention.apply(*tensors, float(scale))
+    return _PromptKVAttention.apply(*tensors, float(scale)).to(dtype)
 
 
 # ----------------------------------------------------------------- folded_cross_attention
@@ -192,6 +388,7 @@ class _FoldedCrossAttention(torch.autograd.Function):
         return _ops.folded_cross_attention_fwd(x, w_logits, b_logits, w_values, bias, residual, add_x)
 
     @staticmethod
+    @_first_order("folded_cross_attention")
     def backward(ctx, grad):
         x, w_logits, b_logits, w_values = ctx.saved_tensors
         grads = _ops.folded_cross_attention_bwd(grad, x, w_logits, b_logits, w_values, ctx.has_bias, ctx.add_x)
@@ -209,7 +406,7 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
 def _products_dtype(x: torch.Tensor, *weights: torch.Tensor) -> torch.dtype:
     """The dtype the reference's products run in: autocast's where it is on (as F.linear runs
     them; float64 excepted, autocast leaves it), else the promotion of the inputs."""
-    dtype = functools.reduce(torch.promote_types, (w.dtype for w in weights), x.dtype)
+    dtype = _promoted(x, *weights)
     autocast = _autocast_dtype(x.device)
     return autocast if autocast is not None and dtype != torch.float64 else dtype
 
@@ -236,25 +433,37 @@ def folded_cross_attention(x, w_logits, b_logits, w_values, bias=None, residual=
 
 
 # ------------------------------------------------- fake kernels: torch.compile traces the ops
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype of the kernels for ``t``: float32 for the half types."""
+    return torch.float32 if t.dtype in _HALF else t.dtype
 
 
 if _ops is not None:
     @torch.library.register_fake("svpt_cpp::da_mix_fwd")
     def _(tokens, prompts, weight, bias, num_prefix):
-        return torch.empty_like(tokens, memory_format=torch.contiguous_format)
+        return tokens.new_empty((tokens.shape[0], prompts.shape[1], tokens.shape[2]))
 
     @torch.library.register_fake("svpt_cpp::da_mix_bwd")
-    def _(grad, tokens, prompts, weight, bias, num_prefix):
-        return (torch.empty_like(tokens, memory_format=torch.contiguous_format),
-                prompts.new_empty(prompts.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape))
+    def _(grad, prev, prompts, weight, bias, num_prefix):
+        return prompts.new_empty(prompts.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
+
+    @torch.library.register_fake("svpt_cpp::attention_saliency")
+    def _(q, k, scale, row_start, row_count, col_start):
+        return q.new_empty((q.shape[0], k.shape[1] - col_start), dtype=torch.float32)
+
+    @torch.library.register_fake("svpt_cpp::ae_update_fwd")
+    def _(h, saliency, scale, num_prefix, num_prompts, k):
+        return (h.new_empty((h.shape[0], h.shape[2]), dtype=_acc(h)),
+                h.new_empty((h.shape[0], k), dtype=torch.int64))
+
+    @torch.library.register_fake("svpt_cpp::ae_update_bwd")
+    def _(grad, mean, index, scale, num_prefix, num_prompts):
+        return scale.new_empty(scale.shape)
 
     @torch.library.register_fake("svpt_cpp::prompt_attention_fwd")
-    def _(q, k, v, scale, start, count, cols):
+    def _(q, k, v, scale):
         b, tq, h, _ = q.shape
-        sal = q.new_empty((b, k.shape[1] - cols) if count else (0,), dtype=torch.float32)
-        return q.new_empty(q.shape), q.new_empty((b, h, tq), dtype=_acc(q.dtype)), sal
+        return q.new_empty(q.shape), q.new_empty((b, h, tq), dtype=_acc(q))
 
     @torch.library.register_fake("svpt_cpp::prompt_attention_bwd")
     def _(grad_out, q, k, v, out, lse, scale):
@@ -263,7 +472,7 @@ if _ops is not None:
     @torch.library.register_fake("svpt_cpp::prompt_kv_attention_fwd")
     def _(q, k, v, prompt_k, prompt_v, scale):
         b, tq, h, _ = q.shape
-        return q.new_empty(q.shape), q.new_empty((b, h, tq), dtype=_acc(q.dtype))
+        return q.new_empty(q.shape), q.new_empty((b, h, tq), dtype=_acc(q))
 
     @torch.library.register_fake("svpt_cpp::prompt_kv_attention_bwd")
     def _(grad_out, q, k, v, prompt_k, prompt_v, out, lse, scale):
@@ -278,13 +487,3 @@ if _ops is not None:
         return (x.new_empty(x.shape), w_logits.new_empty(w_logits.shape),
                 x.new_empty((0,) if b_logits is None else b_logits.shape), w_values.new_empty(w_values.shape),
                 x.new_empty((x.shape[1],) if has_bias else (0,)))
-
-    @torch.library.register_fake("svpt_cpp::ae_update_fwd")
-    def _(tokens, attn_out, saliency, scale, num_prefix, num_prompts, k):
-        b, _, d = tokens.shape
-        return (tokens.new_empty(tokens.shape), tokens.new_empty((b, k), dtype=torch.int64),
-                tokens.new_empty((b, d), dtype=_acc(tokens.dtype)))
-
-    @torch.library.register_fake("svpt_cpp::ae_update_bwd")
-    def _(grad, rows, mean, scale, num_prefix, num_prompts):
-        return grad.new_empty(grad.shape), scale.new_empty(scale.shape)

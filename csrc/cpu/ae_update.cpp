@@ -1,112 +1,136 @@
-// ae_update on CPU: the residual add h = tokens + attn_out and AE's additive update of the
-// top-k salient patch rows, h[idx] += scale * mean(prompt rows of h), in one pass over the
-// tokens. The top-k itself is at::topk on the small [B, N] saliency.
+// ae_update on CPU, in place on the k selected patch rows of h (svpt/ops.py). The forward reads
+// the M prompt rows (their mean, kept for backward) and reads and writes the k rows that at::topk
+// picks from the small [B, N] saliency; the backward reads the gradient at those k rows and adds
+// the u path's share to the gradient's M prompt rows. No other row is touched.
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/topk.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../svpt.h"
 
 namespace svpt {
 namespace cpu {
+namespace {
 
-template <typename T>
-static void ae_fwd_kernel(const T* tok, const T* att, const int64_t* rows, T scale, T* out, T* mean, int64_t B,
-                          int64_t T_, int64_t d, int64_t np, int64_t M, int64_t k) {
-  // Mean of the prompt rows of h, per sample.
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+// Samples per parallel task: ~32k elements of work.
+int64_t sample_grain(int64_t rows_per_sample, int64_t d) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(rows_per_sample * d, 1));
+}
+
+// h (strides sb, st; unit stride along d) with its prompt and selected rows.
+template <typename scalar_t>
+struct Buffer {
+  scalar_t* base;
+  int64_t sb, st, num_prefix, num_prompts, first_patch, k;
+  const int64_t* index;  // [B, k], from the first patch row
+  scalar_t* row(int64_t b, int64_t t) const { return base + b * sb + t * st; }
+  scalar_t* selected(int64_t b, int64_t j) const { return row(b, first_patch + index[b * k + j]); }
+};
+
+template <typename scalar_t>
+Buffer<scalar_t> buffer_of(at::Tensor& t, const at::Tensor& index, int64_t num_prefix, int64_t num_prompts) {
+  return {t.data_ptr<scalar_t>(), t.stride(0), t.stride(1), num_prefix, num_prompts, num_prefix + num_prompts,
+          index.size(1), index.data_ptr<int64_t>()};
+}
+
+template <typename scalar_t, typename acc_t>
+void forward(const Buffer<scalar_t>& h, acc_t scale, acc_t* mean, int64_t B, int64_t d) {
+  at::parallel_for(0, B, sample_grain(h.num_prompts + h.k, d), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      T* mb = mean + b * d;
-      std::fill(mb, mb + d, T(0));
-      for (int64_t m = 0; m < M; ++m) {
-        const int64_t off = (b * T_ + np + m) * d;
-        for (int64_t c = 0; c < d; ++c) mb[c] += tok[off + c] + att[off + c];
+      acc_t* mb = mean + b * d;
+      std::fill(mb, mb + d, acc_t(0));
+      for (int64_t m = 0; m < h.num_prompts; ++m) {
+        const scalar_t* x = h.row(b, h.num_prefix + m);
+        for (int64_t c = 0; c < d; ++c) mb[c] += static_cast<acc_t>(x[c]);
       }
-      for (int64_t c = 0; c < d; ++c) mb[c] /= T(M);
-    }
-  });
-  std::vector<uint8_t> hit(B * T_, 0);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t j = 0; j < k; ++j) hit[b * T_ + rows[b * k + j]] = 1;
-  at::parallel_for(0, B * T_, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* a = tok + r * d;
-      const T* e = att + r * d;
-      T* o = out + r * d;
-      if (hit[r]) {
-        const T* mb = mean + (r / T_) * d;
-        for (int64_t c = 0; c < d; ++c) o[c] = a[c] + e[c] + scale * mb[c];
-      } else {
-        for (int64_t c = 0; c < d; ++c) o[c] = a[c] + e[c];
+      const acc_t inv = acc_t(1) / acc_t(h.num_prompts);
+      for (int64_t c = 0; c < d; ++c) mb[c] *= inv;
+      // The selected rows are patch rows: disjoint from the prompt rows read above.
+      for (int64_t j = 0; j < h.k; ++j) {
+        scalar_t* x = h.selected(b, j);
+        for (int64_t c = 0; c < d; ++c) x[c] = static_cast<scalar_t>(static_cast<acc_t>(x[c]) + scale * mb[c]);
       }
     }
   });
 }
 
-template <typename T>
-static void ae_bwd_kernel(const T* grad, const int64_t* rows, const T* mean, T scale, T* dh, T* du_dot_mean, int64_t B,
-                          int64_t T_, int64_t d, int64_t np, int64_t M, int64_t k) {
-  // du[b] = sum of grad over the updated rows; it flows to scale (du . mean) and, through
-  // the mean, to every prompt row of h (scale * du / M).
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> du(d);
+// Returns sum_b du[b] . mean[b], du[b] = sum of grad over the selected rows of sample b, and adds
+// scale / M * du[b] to the prompt rows of grad.
+template <typename scalar_t, typename acc_t>
+acc_t backward(const Buffer<scalar_t>& grad, const acc_t* mean, acc_t scale, int64_t B, int64_t d) {
+  std::vector<acc_t> dscale(B);
+  at::parallel_for(0, B, sample_grain(grad.num_prompts + grad.k, d), [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> du(d);
     for (int64_t b = b0; b < b1; ++b) {
-      std::fill(du.begin(), du.end(), T(0));
-      for (int64_t j = 0; j < k; ++j) {
-        const T* g = grad + (b * T_ + rows[b * k + j]) * d;
-        for (int64_t c = 0; c < d; ++c) du[c] += g[c];
+      std::fill(du.begin(), du.end(), acc_t(0));
+      for (int64_t j = 0; j < grad.k; ++j) {
+        const scalar_t* g = grad.selected(b, j);
+        for (int64_t c = 0; c < d; ++c) du[c] += static_cast<acc_t>(g[c]);
       }
-      T acc = 0;
-#pragma omp simd reduction(+ : acc)  // -fopenmp: lets the float reduction vectorise
-      for (int64_t c = 0; c < d; ++c) acc += du[c] * mean[b * d + c];
-      du_dot_mean[b] = acc;
-      for (int64_t t = 0; t < T_; ++t) {
-        const T* g = grad + (b * T_ + t) * d;
-        T* o = dh + (b * T_ + t) * d;
-        if (t >= np && t < np + M) {
-          const T f = scale / T(M);
-          for (int64_t c = 0; c < d; ++c) o[c] = g[c] + f * du[c];
-        } else {
-          std::copy(g, g + d, o);
-        }
+      acc_t dot = 0;
+      const acc_t* mb = mean + b * d;
+#pragma omp simd reduction(+ : dot)  // -fopenmp: lets the float reduction vectorise
+      for (int64_t c = 0; c < d; ++c) dot += du[c] * mb[c];
+      dscale[b] = dot;
+      const acc_t f = scale / acc_t(grad.num_prompts);
+      for (int64_t m = 0; m < grad.num_prompts; ++m) {
+        scalar_t* g = grad.row(b, grad.num_prefix + m);
+        for (int64_t c = 0; c < d; ++c) g[c] = static_cast<scalar_t>(static_cast<acc_t>(g[c]) + f * du[c]);
       }
     }
   });
+  acc_t total = 0;  // in sample order: the same for any thread count
+  for (int64_t b = 0; b < B; ++b) total += dscale[b];
+  return total;
 }
 
+void check_index_values(const at::Tensor& index, int64_t num_patches) {
+  const int64_t* p = index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < index.numel(); ++i) {
+    TORCH_CHECK(p[i] >= 0 && p[i] < num_patches, "svpt ae_update backward: index value ", p[i], " outside 0..",
+                num_patches - 1);
+  }
+}
+
+}  // namespace
 }  // namespace cpu
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ae_update_fwd_cpu(const at::Tensor& tokens_in,
-                                                                 const at::Tensor& attn_in,
-                                                                 const at::Tensor& saliency, const at::Tensor& scale,
-                                                                 int64_t num_prefix, int64_t num_prompts, int64_t k) {
-  check_ae_update(tokens_in, attn_in, saliency, num_prefix, num_prompts, k);
-  const at::Tensor tokens = tokens_in.contiguous(), attn = attn_in.to(tokens.scalar_type()).contiguous();
-  const int64_t B = tokens.size(0), T_ = tokens.size(1), d = tokens.size(2);
-  const at::Tensor rows = (std::get<1>(saliency.topk(k, -1)) + (num_prefix + num_prompts)).contiguous();
-  at::Tensor out = at::empty_like(tokens);
-  at::Tensor mean = at::empty({B, d}, tokens.options());
-  AT_DISPATCH_FLOATING_TYPES(tokens.scalar_type(), "svpt_ae_update_fwd_cpu", [&] {
-    cpu::ae_fwd_kernel<scalar_t>(tokens.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(),
-                                 scale.item<scalar_t>(), out.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), B, T_, d,
-                                 num_prefix, num_prompts, k);
+std::tuple<at::Tensor, at::Tensor> ae_update_fwd_cpu(at::Tensor& h, const at::Tensor& saliency,
+                                                     const at::Tensor& scale, int64_t num_prefix, int64_t num_prompts,
+                                                     int64_t k) {
+  check_ae_update(h, saliency, scale, num_prefix, num_prompts, k);
+  const BelowAutograd below;
+  const at::Tensor index = std::get<1>(at::topk(saliency, k, -1)).contiguous();
+  const int64_t B = h.size(0), d = h.size(2);
+  at::Tensor mean;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "svpt_ae_update_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    mean = at::empty({B, d}, h.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    cpu::forward<scalar_t, acc_t>(cpu::buffer_of<scalar_t>(h, index, num_prefix, num_prompts), scale.item<acc_t>(),
+                                  mean.data_ptr<acc_t>(), B, d);
   });
-  return {out, rows, mean};
+  return {mean, index};
 }
 
-std::tuple<at::Tensor, at::Tensor> ae_update_bwd_cpu(const at::Tensor& grad_in, const at::Tensor& rows,
-                                                     const at::Tensor& mean, const at::Tensor& scale,
-                                                     int64_t num_prefix, int64_t num_prompts) {
-  const at::Tensor grad = grad_in.to(mean.scalar_type()).contiguous();
-  const int64_t B = grad.size(0), T_ = grad.size(1), d = grad.size(2), k = rows.size(1);
-  at::Tensor dh = at::empty_like(grad);
-  at::Tensor partial = at::empty({B}, grad.options());
-  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "svpt_ae_update_bwd_cpu", [&] {
-    cpu::ae_bwd_kernel<scalar_t>(grad.data_ptr<scalar_t>(), rows.contiguous().data_ptr<int64_t>(),
-                                 mean.data_ptr<scalar_t>(), scale.item<scalar_t>(), dh.data_ptr<scalar_t>(),
-                                 partial.data_ptr<scalar_t>(), B, T_, d, num_prefix, num_prompts, k);
+at::Tensor ae_update_bwd_cpu(at::Tensor& grad, const at::Tensor& mean, const at::Tensor& index,
+                             const at::Tensor& scale, int64_t num_prefix, int64_t num_prompts) {
+  check_ae_update_bwd(grad, mean, index, scale, num_prefix, num_prompts);
+  cpu::check_index_values(index, grad.size(1) - num_prefix - num_prompts);
+  const BelowAutograd below;
+  const int64_t B = grad.size(0), d = grad.size(2);
+  at::Tensor grad_scale;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "svpt_ae_update_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    TORCH_CHECK(mean.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
+                "svpt ae_update backward: mean must be in the accumulation dtype of the gradient");
+    const acc_t total = cpu::backward<scalar_t, acc_t>(cpu::buffer_of<scalar_t>(grad, index, num_prefix, num_prompts),
+                                                       mean.data_ptr<acc_t>(), scale.item<acc_t>(), B, d);
+    grad_scale = at::empty(scale.sizes(), scale.options()).fill_(total);
   });
-  return {dh, partial.sum().reshape(scale.sizes())};
+  return grad_scale;
 }
 
 }  // namespace svpt

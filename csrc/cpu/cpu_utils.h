@@ -147,6 +147,13 @@ __attribute__((always_inline)) inline float exp_shifted_inplace(float* s, int64_
 
 inline double fast_exp(double x) { return std::exp(x); }  // float64 is for checking, not speed
 
+// BLAS wants unit stride along D and a row stride of at least D ([B, T, H, D] tensors, e.g. views
+// of a qkv projection); anything else is copied.
+inline at::Tensor gemm_ready(const at::Tensor& t) {
+  if (t.stride(3) == 1 && t.stride(1) >= t.size(3) && t.stride(1) > 0) return t;
+  return t.contiguous();
+}
+
 // Row softmax and its backward (softmax.cpp), float32 vectorised, float64 plain.
 // softmax_row: s <- softmax(s), returns the log-sum-exp.
 // dsoftmax_row: s <- p = exp(s - lse); dp <- ds = p * (dp - sum_j p_j dp_j).

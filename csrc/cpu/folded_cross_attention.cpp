@@ -9,7 +9,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <vector>
 
@@ -20,8 +19,16 @@ namespace svpt {
 namespace cpu {
 namespace {
 
-// Rows per block: the GEMMs get 128 x d x H*M, large enough for BLAS, and the tile stays in L2.
+// Rows per block at most: the GEMMs get 128 x d x H*M, large enough for BLAS, and the tile stays in L2.
 constexpr int64_t kBlockRows = 128;
+
+// Rows per block for R rows: kBlockRows, or fewer when that leaves threads idle (R = 136 on two
+// threads: two blocks of 68, not 128 + 8); a multiple of 16, for the GEMMs.
+int64_t block_rows(int64_t R) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t even = ((R + threads - 1) / threads + 15) / 16 * 16;
+  return std::max<int64_t>(16, std::min(kBlockRows, even));
+}
 
 template <typename T>
 struct Folded {
@@ -69,11 +76,11 @@ T init_rows(T* out, int64_t n, int64_t d, const T* res, int64_t rs, const T* bia
 template <typename T>
 void forward(const Folded<T>& f, const T* x, int64_t xs, const T* res, int64_t rs, const T* bias, T* out,
              int64_t R) {
-  const int64_t blocks = (R + kBlockRows - 1) / kBlockRows, w = f.hm(), d = f.d;
+  const int64_t rows = block_rows(R), blocks = (R + rows - 1) / rows, w = f.hm(), d = f.d;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> p(std::min(kBlockRows, R) * w);  // thread-local logits tile
+    std::vector<T> p(std::min(rows, R) * w);  // thread-local logits tile
     for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t r0 = blk * kBlockRows, n = std::min(kBlockRows, R - r0);
+      const int64_t r0 = blk * rows, n = std::min(rows, R - r0);
       f.probabilities(x + r0 * xs, xs, n, p.data());
       const T beta = init_rows(out + r0 * d, n, d, res ? res + r0 * rs : nullptr, rs, bias);
       gemm(false, false, n, d, w, T(1), p.data(), w, f.wv, d, beta, out + r0 * d, d);
@@ -85,10 +92,10 @@ void forward(const Folded<T>& f, const T* x, int64_t xs, const T* res, int64_t r
 template <typename T>
 void backward_rows(const Folded<T>& f, const T* x, int64_t xs, const T* g, int64_t gs, bool add_x, T* p, T* ds,
                    T* dx, int64_t R) {
-  const int64_t blocks = (R + kBlockRows - 1) / kBlockRows, w = f.hm(), d = f.d;
+  const int64_t rows = block_rows(R), blocks = (R + rows - 1) / rows, w = f.hm(), d = f.d;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t r0 = blk * kBlockRows, n = std::min(kBlockRows, R - r0);
+      const int64_t r0 = blk * rows, n = std::min(rows, R - r0);
       T* pb = p + r0 * w;
       T* dsb = ds + r0 * w;
       f.probabilities(x + r0 * xs, xs, n, pb);
@@ -114,8 +121,7 @@ at::Tensor folded_cross_attention_fwd_cpu(const at::Tensor& x_in, const at::Tens
   check_folded(x_in, w_logits, b_logits, w_values);
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
               "svpt folded_cross_attention (CPU kernels): float32 or float64 expected, got ", x_in.scalar_type());
-  // gemm's ATen fallback (no MKL) must not be lowered by autocast: the inputs are the kernel's dtype.
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const BelowAutograd below;  // gemm's ATen fallback (no MKL) included
   const at::Tensor x = cpu::rows_ready(x_in), wl = w_logits.contiguous(), wv = w_values.contiguous();
   const std::optional<at::Tensor> bl = b_logits ? std::optional<at::Tensor>(b_logits->contiguous()) : std::nullopt;
   const at::Tensor res = add_x ? x : (residual ? cpu::rows_ready(*residual) : at::Tensor());
@@ -134,8 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> folded_cr
     const at::Tensor& grad, const at::Tensor& x_in, const at::Tensor& w_logits,
     const std::optional<at::Tensor>& b_logits, const at::Tensor& w_values, bool has_bias, bool add_x) {
   check_folded(x_in, w_logits, b_logits, w_values);
-  // The weight-gradient GEMMs below are ATen ops: keep autocast (if on) from lowering them.
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const BelowAutograd below;  // the weight-gradient GEMMs below are ATen ops
   const at::Tensor x = cpu::rows_ready(x_in), g = cpu::rows_ready(grad.to(x.scalar_type()));
   const at::Tensor wl = w_logits.contiguous(), wv = w_values.contiguous();
   const std::optional<at::Tensor> bl = b_logits ? std::optional<at::Tensor>(b_logits->contiguous()) : std::nullopt;

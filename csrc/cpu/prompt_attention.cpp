@@ -20,12 +20,6 @@ namespace cpu {
 // large enough for BLAS to be efficient; 256 x Tk floats still fit in L2 for T ~ 250.
 constexpr int64_t kBlockQ = 256;
 
-// BLAS wants unit stride along D and a row stride of at least D; anything else is copied.
-at::Tensor gemm_ready(const at::Tensor& t) {
-  if (t.stride(3) == 1 && t.stride(1) >= t.size(3) && t.stride(1) > 0) return t;
-  return t.contiguous();
-}
-
 // The keys and values of one segment ([1 or B, len, H, D], gemm_ready) and, in backward,
 // where its gradients go: [B, len, H, D] contiguous (per-sample partials when batch 1).
 template <typename T>
@@ -61,30 +55,20 @@ int64_t total_keys(const std::vector<KV>& kv) {
   return n;
 }
 
-// AE saliency: per (b, h), the sum over query rows start..start+count-1 of their probabilities
-// to key columns cols.. (of the keys of all segments in order).
-template <typename T>
-struct SaliencyRows {
-  T* part;  // [B, H, Tk - cols], or nullptr: no saliency
-  int64_t start, count, cols;
-};
-
 template <typename T>
 static void attention_fwd(const at::Tensor& q, const std::vector<Segment<T>>& segs, int64_t Tk, T scale,
-                          at::Tensor& out, at::Tensor& lse, SaliencyRows<T> sal) {
+                          at::Tensor& out, at::Tensor& lse) {
   const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
   const T* qp = q.data_ptr<T>();
   T* op = out.data_ptr<T>();
   T* lp = lse.data_ptr<T>();
   const int64_t qsb = q.stride(0), qst = q.stride(1), qsh = q.stride(2);
-  const int64_t ost = H * D, Ns = Tk - sal.cols;
+  const int64_t ost = H * D;
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scores(std::min(kBlockQ, Tq) * Tk);  // thread-local tile
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      T* saliency = sal.part ? sal.part + bh * Ns : nullptr;
-      if (saliency) std::fill(saliency, saliency + Ns, T(0));
       for (int64_t i0 = 0; i0 < Tq; i0 += kBlockQ) {
         const int64_t nq = std::min(kBlockQ, Tq - i0);
         const T* qb = qp + b * qsb + i0 * qst + h * qsh;
@@ -93,14 +77,7 @@ static void attention_fwd(const at::Tensor& q, const std::vector<Segment<T>>& se
           gemm(false, true, nq, s.len, D, scale, qb, qst, s.k_at(b, h), s.kst, T(0), scores.data() + c0, Tk);
           c0 += s.len;
         }
-        for (int64_t i = 0; i < nq; ++i) {
-          T* row = scores.data() + i * Tk;
-          lp[bh * Tq + i0 + i] = softmax_row(row, Tk);
-          const int64_t t = i0 + i;
-          if (saliency && t >= sal.start && t < sal.start + sal.count) {
-            for (int64_t j = 0; j < Ns; ++j) saliency[j] += row[sal.cols + j];
-          }
-        }
+        for (int64_t i = 0; i < nq; ++i) lp[bh * Tq + i0 + i] = softmax_row(scores.data() + i * Tk, Tk);
         T* ob = op + (b * Tq + i0) * ost + h * D;
         c0 = 0;
         for (const Segment<T>& s : segs) {  // O = sum over segments of P_s V_s
@@ -172,24 +149,18 @@ std::vector<KV> gemm_ready(const std::vector<KV>& kv) {
   return out;
 }
 
-// out [B, Tq, H, D], lse [B, H, Tq] and, when sal_count > 0, the saliency (float32 [B, Tk - cols]).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, const std::vector<KV>& kv_in,
-                                                                 double scale, int64_t sal_start, int64_t sal_count,
-                                                                 int64_t sal_cols) {
+// out [B, Tq, H, D] and lse [B, H, Tq].
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, const std::vector<KV>& kv_in,
+                                                     double scale) {
   const at::Tensor q = cpu::gemm_ready(q_in);
   const std::vector<KV> kv = gemm_ready(kv_in);
   const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3), Tk = cpu::total_keys(kv);
   at::Tensor out = at::empty({B, Tq, H, D}, q.options());
   at::Tensor lse = at::empty({B, H, Tq}, q.options());
-  at::Tensor sal_part = sal_count > 0 ? at::empty({B, H, Tk - sal_cols}, q.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "svpt_attention_fwd_cpu", [&] {
-    const cpu::SaliencyRows<scalar_t> sal{sal_count > 0 ? sal_part.data_ptr<scalar_t>() : nullptr, sal_start,
-                                          sal_count, sal_cols};
-    cpu::attention_fwd<scalar_t>(q, cpu::segments<scalar_t>(kv), Tk, static_cast<scalar_t>(scale), out, lse, sal);
+    cpu::attention_fwd<scalar_t>(q, cpu::segments<scalar_t>(kv), Tk, static_cast<scalar_t>(scale), out, lse);
   });
-  at::Tensor saliency = sal_count > 0 ? (sal_part.sum(1) / double(H * sal_count)).to(at::kFloat)
-                                      : at::empty({0}, q.options().dtype(at::kFloat));
-  return {out, lse, saliency};
+  return {out, lse};
 }
 
 // dq and each segment's (dk, dv), summed over the batch where the segment has batch 1.
@@ -222,14 +193,12 @@ std::pair<at::Tensor, std::vector<KV>> attention_backward(const at::Tensor& grad
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> prompt_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                                        const at::Tensor& v, double scale,
-                                                                        int64_t sal_start, int64_t sal_count,
-                                                                        int64_t sal_cols) {
+std::tuple<at::Tensor, at::Tensor> prompt_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, double scale) {
   check_attention(q, k, v);
-  check_saliency(q, k, sal_start, sal_count, sal_cols);
   check_cpu_dtype(q, "prompt_attention");
-  return attention_forward(q, {{k, v}}, scale, sal_start, sal_count, sal_cols);
+  const BelowAutograd below;
+  return attention_forward(q, {{k, v}}, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prompt_attention_bwd_cpu(const at::Tensor& grad_out,
@@ -237,6 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prompt_attention_bwd_cpu(const at
                                                                         const at::Tensor& v, const at::Tensor& out,
                                                                         const at::Tensor& lse, double scale) {
   check_attention(q, k, v);
+  const BelowAutograd below;
   auto [dq, dkv] = attention_backward(grad_out, q, {{k, v}}, lse, scale);
   return {dq, dkv[0].k, dkv[0].v};
 }
@@ -246,8 +216,8 @@ std::tuple<at::Tensor, at::Tensor> prompt_kv_attention_fwd_cpu(const at::Tensor&
                                                                const at::Tensor& prompt_v, double scale) {
   check_kv_attention(q, k, v, prompt_k, prompt_v);
   check_cpu_dtype(q, "prompt_kv_attention");
-  auto outputs = attention_forward(q, {{prompt_k, prompt_v}, {k, v}}, scale, 0, 0, 0);
-  return {std::get<0>(outputs), std::get<1>(outputs)};
+  const BelowAutograd below;
+  return attention_forward(q, {{prompt_k, prompt_v}, {k, v}}, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prompt_kv_attention_bwd_cpu(
@@ -255,6 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prompt_kv
     const at::Tensor& prompt_k, const at::Tensor& prompt_v, const at::Tensor& out, const at::Tensor& lse,
     double scale) {
   check_kv_attention(q, k, v, prompt_k, prompt_v);
+  const BelowAutograd below;
   auto [dq, dkv] = attention_backward(grad_out, q, {{prompt_k, prompt_v}, {k, v}}, lse, scale);
   return {dq, dkv[1].k, dkv[1].v, dkv[0].k, dkv[0].v};
 }

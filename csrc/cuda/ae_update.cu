@@ -1,10 +1,14 @@
-// ae_update on CUDA: the prompt-row mean of h = tokens + attn_out, at::topk on the small
-// [B, N] saliency, then one elementwise pass writing h and a pass over the k selected rows
-// writing tokens + attn_out + scale * mean (one rounding per element). Backward: the sum of
-// the gradient over the selected rows (du), and one elementwise pass for dh.
-// scale stays on the device (no .item(), so no host sync).
+// ae_update on CUDA, in place on the k selected patch rows of h (svpt/ops.py). at::topk picks the
+// rows from the small [B, N] saliency; then one kernel, a block per (sample, column chunk): the
+// mean of the M prompt rows (kept for backward) and u = scale * mean added to the k selected
+// rows. The backward: per (sample, column chunk), dL/du = the sum of the gradient over the selected
+// rows, its dot product with the mean (one partial per block, summed by ATen: deterministic), and
+// scale / M * dL/du added to the gradient's prompt rows in place. No other row is touched; scale
+// stays on the device (no host sync).
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/topk.h>
 
 #include "../svpt.h"
 #include "cuda_utils.cuh"
@@ -14,132 +18,113 @@ namespace {
 
 using namespace cuda_utils;
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 256;  // columns per block
+
+// h (strides sb, st; unit stride along d) with its prompt rows and the selected rows.
+struct Layout {
+  int64_t sb, st;
+  int num_prefix, num_prompts, first_patch, k;
+};
+
+Layout layout_of(const at::Tensor& t, const at::Tensor& index, int64_t num_prefix, int64_t num_prompts) {
+  return {t.stride(0), t.stride(1), static_cast<int>(num_prefix), static_cast<int>(num_prompts),
+          static_cast<int>(num_prefix + num_prompts), static_cast<int>(index.size(1))};
+}
 
 template <typename scalar_t, typename acc_t>
-__global__ void prompt_mean_kernel(const scalar_t* __restrict__ tok, const scalar_t* __restrict__ att,
-                                   acc_t* __restrict__ mean, int T, int d, int np, int M) {
-  const int b = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
+__global__ void __launch_bounds__(kThreads) ae_fwd_kernel(scalar_t* __restrict__ h, const int64_t* __restrict__ index,
+                                                          const acc_t* __restrict__ scale, acc_t* __restrict__ mean,
+                                                          Layout lay, int d) {
+  const int64_t b = blockIdx.y;
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= d) return;
+  scalar_t* base = h + b * lay.sb + c;
   acc_t s = 0;
-  for (int m = 0; m < M; ++m) {
-    const int64_t at = (static_cast<int64_t>(b) * T + np + m) * d + c;
-    s += static_cast<acc_t>(tok[at]) + static_cast<acc_t>(att[at]);
+  for (int m = 0; m < lay.num_prompts; ++m) s += static_cast<acc_t>(base[(lay.num_prefix + m) * lay.st]);
+  const acc_t mu = s / acc_t(lay.num_prompts);
+  mean[b * d + c] = mu;
+  const acc_t u = scale[0] * mu;
+  // The selected rows are patch rows: disjoint from the prompt rows read above.
+  for (int j = 0; j < lay.k; ++j) {
+    scalar_t* x = base + (lay.first_patch + index[b * lay.k + j]) * lay.st;
+    *x = static_cast<scalar_t>(static_cast<acc_t>(*x) + u);
   }
-  mean[static_cast<int64_t>(b) * d + c] = s / acc_t(M);
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void residual_add_kernel(const scalar_t* __restrict__ tok, const scalar_t* __restrict__ att,
-                                    scalar_t* __restrict__ out, int64_t n) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    out[i] = static_cast<scalar_t>(static_cast<acc_t>(tok[i]) + static_cast<acc_t>(att[i]));
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void enhance_rows_kernel(const scalar_t* __restrict__ tok, const scalar_t* __restrict__ att,
-                                    const int64_t* __restrict__ rows, const acc_t* __restrict__ mean,
-                                    const acc_t* __restrict__ scale, scalar_t* __restrict__ out, int T, int d, int k) {
-  const int b = blockIdx.y, j = blockIdx.x;
-  const int64_t base = (static_cast<int64_t>(b) * T + rows[static_cast<int64_t>(b) * k + j]) * d;
-  const acc_t s = scale[0];
-  for (int c = threadIdx.x; c < d; c += blockDim.x)
-    out[base + c] = static_cast<scalar_t>(static_cast<acc_t>(tok[base + c]) + static_cast<acc_t>(att[base + c]) +
-                                          s * mean[static_cast<int64_t>(b) * d + c]);
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void selected_grad_sum_kernel(const scalar_t* __restrict__ grad, const int64_t* __restrict__ rows,
-                                         acc_t* __restrict__ du, int T, int d, int k) {
-  const int b = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= d) return;
-  acc_t s = 0;
-  for (int j = 0; j < k; ++j)
-    s += static_cast<acc_t>(grad[(static_cast<int64_t>(b) * T + rows[static_cast<int64_t>(b) * k + j]) * d + c]);
-  du[static_cast<int64_t>(b) * d + c] = s;
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void dh_kernel(const scalar_t* __restrict__ grad, const acc_t* __restrict__ du,
-                          const acc_t* __restrict__ scale, scalar_t* __restrict__ dh, int T, int d, int np, int M,
-                          int64_t n) {
-  const acc_t f = scale[0] / acc_t(M);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / d;
-    const int t = row % T, c = i - row * d;
-    acc_t g = static_cast<acc_t>(grad[i]);
-    if (t >= np && t < np + M) g += f * du[(row / T) * d + c];
-    dh[i] = static_cast<scalar_t>(g);
+__global__ void __launch_bounds__(kThreads) ae_bwd_kernel(scalar_t* __restrict__ grad,
+                                                          const int64_t* __restrict__ index,
+                                                          const acc_t* __restrict__ scale,
+                                                          const acc_t* __restrict__ mean, acc_t* __restrict__ part,
+                                                          Layout lay, int d) {
+  __shared__ acc_t scratch[32];
+  const int64_t b = blockIdx.y;
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  const bool valid = c < d;  // no early return: every thread joins the block sum
+  scalar_t* base = grad + b * lay.sb + (valid ? c : 0);
+  acc_t du = 0;
+  if (valid) {
+    for (int j = 0; j < lay.k; ++j) du += static_cast<acc_t>(base[(lay.first_patch + index[b * lay.k + j]) * lay.st]);
   }
+  const acc_t dot = block_sum(valid ? du * mean[b * d + c] : acc_t(0), scratch);
+  if (threadIdx.x == 0) part[b * gridDim.x + blockIdx.x] = dot;
+  if (!valid) return;
+  const acc_t f = scale[0] / acc_t(lay.num_prompts) * du;
+  for (int m = 0; m < lay.num_prompts; ++m) {
+    scalar_t* g = base + (lay.num_prefix + m) * lay.st;
+    *g = static_cast<scalar_t>(static_cast<acc_t>(*g) + f);
+  }
+}
+
+dim3 grid_of(int64_t batch, int64_t d) {
+  return dim3(static_cast<unsigned int>((d + kThreads - 1) / kThreads), static_cast<unsigned int>(batch));
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ae_update_fwd_cuda(const at::Tensor& tokens_in,
-                                                                  const at::Tensor& attn_in,
-                                                                  const at::Tensor& saliency, const at::Tensor& scale,
-                                                                  int64_t num_prefix, int64_t num_prompts, int64_t k) {
-  check_ae_update(tokens_in, attn_in, saliency, num_prefix, num_prompts, k);
-  const c10::cuda::CUDAGuard guard(tokens_in.device());
-  const at::Tensor tokens = tokens_in.contiguous(), attn = attn_in.to(tokens.scalar_type()).contiguous();
-  const int64_t B = tokens.size(0), T = tokens.size(1), d = tokens.size(2);
-  const auto acc_type = at::toAccumulateType(tokens.scalar_type(), /*is_cuda=*/true);
-  const at::Tensor rows = (std::get<1>(saliency.topk(k, -1)) + (num_prefix + num_prompts)).contiguous();
-  const at::Tensor scale_acc = scale.to(tokens.device(), acc_type).reshape({1}).contiguous();
-  at::Tensor out = at::empty_like(tokens);
-  at::Tensor mean = at::empty({B, d}, tokens.options().dtype(acc_type));
-  if (out.numel() == 0) return {out, rows, mean};
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tokens.scalar_type(), "svpt_ae_update_fwd_cuda", [&] {
+std::tuple<at::Tensor, at::Tensor> ae_update_fwd_cuda(at::Tensor& h, const at::Tensor& saliency,
+                                                      const at::Tensor& scale, int64_t num_prefix,
+                                                      int64_t num_prompts, int64_t k) {
+  check_ae_update(h, saliency, scale, num_prefix, num_prompts, k);
+  const BelowAutograd below;
+  const c10::cuda::CUDAGuard guard(h.device());
+  const at::Tensor index = std::get<1>(at::topk(saliency, k, -1)).contiguous();
+  const int64_t B = h.size(0), d = h.size(2);
+  const auto acc = at::toAccumulateType(h.scalar_type(), /*is_cuda=*/true);
+  at::Tensor mean = at::empty({B, d}, h.options().dtype(acc));
+  if (mean.numel() == 0) return {mean, index};
+  const at::Tensor s = scale.to(h.device(), acc).reshape({1});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "svpt_ae_update_fwd_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    const dim3 mgrid((d + kThreads - 1) / kThreads, B);
-    prompt_mean_kernel<scalar_t, acc_t><<<mgrid, kThreads, 0, stream>>>(
-        tokens.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), T, d, num_prefix, num_prompts);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t n = tokens.numel();
-    residual_add_kernel<scalar_t, acc_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
-        tokens.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const dim3 rgrid(k, B);
-    enhance_rows_kernel<scalar_t, acc_t><<<rgrid, kThreads, 0, stream>>>(
-        tokens.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), mean.data_ptr<acc_t>(),
-        scale_acc.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), T, d, k);
+    ae_fwd_kernel<scalar_t, acc_t><<<grid_of(B, d), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        h.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), s.data_ptr<acc_t>(), mean.data_ptr<acc_t>(),
+        layout_of(h, index, num_prefix, num_prompts), static_cast<int>(d));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {out, rows, mean};
+  return {mean, index};
 }
 
-std::tuple<at::Tensor, at::Tensor> ae_update_bwd_cuda(const at::Tensor& grad_in, const at::Tensor& rows_in,
-                                                      const at::Tensor& mean, const at::Tensor& scale,
-                                                      int64_t num_prefix, int64_t num_prompts) {
-  const c10::cuda::CUDAGuard guard(grad_in.device());
-  const at::Tensor grad = grad_in.contiguous(), rows = rows_in.contiguous();
-  const int64_t B = grad.size(0), T = grad.size(1), d = grad.size(2), k = rows.size(1);
-  const auto acc_type = mean.scalar_type();
-  const at::Tensor scale_acc = scale.to(grad.device(), acc_type).reshape({1}).contiguous();
-  at::Tensor dh = at::empty_like(grad);
-  at::Tensor du = at::zeros({B, d}, mean.options());
-  if (grad.numel() > 0) {
-    auto stream = c10::cuda::getCurrentCUDAStream();
+at::Tensor ae_update_bwd_cuda(at::Tensor& grad, const at::Tensor& mean, const at::Tensor& index,
+                              const at::Tensor& scale, int64_t num_prefix, int64_t num_prompts) {
+  check_ae_update_bwd(grad, mean, index, scale, num_prefix, num_prompts);
+  const BelowAutograd below;
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t B = grad.size(0), d = grad.size(2);
+  const auto acc = at::toAccumulateType(grad.scalar_type(), /*is_cuda=*/true);
+  TORCH_CHECK(mean.scalar_type() == acc, "svpt ae_update backward: mean must be in the accumulation dtype");
+  const dim3 grid = grid_of(B, d);
+  at::Tensor part = at::zeros({B, static_cast<int64_t>(grid.x)}, grad.options().dtype(acc));
+  if (B > 0 && d > 0) {
+    const at::Tensor s = scale.to(grad.device(), acc).reshape({1});
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "svpt_ae_update_bwd_cuda", [&] {
       using acc_t = at::acc_type<scalar_t, true>;
-      TORCH_CHECK(mean.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "svpt ae_update: mean dtype");
-      const dim3 sgrid((d + kThreads - 1) / kThreads, B);
-      selected_grad_sum_kernel<scalar_t, acc_t><<<sgrid, kThreads, 0, stream>>>(
-          grad.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), du.data_ptr<acc_t>(), T, d, k);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const int64_t n = grad.numel();
-      dh_kernel<scalar_t, acc_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
-          grad.data_ptr<scalar_t>(), du.data_ptr<acc_t>(), scale_acc.data_ptr<acc_t>(), dh.data_ptr<scalar_t>(), T, d,
-          num_prefix, num_prompts, n);
+      ae_bwd_kernel<scalar_t, acc_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          grad.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), s.data_ptr<acc_t>(), mean.data_ptr<acc_t>(),
+          part.data_ptr<acc_t>(), layout_of(grad, index, num_prefix, num_prompts), static_cast<int>(d));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  // d scale = sum_b du[b] . mean[b]: a [B, d] reduction, left to ATen.
-  at::Tensor dscale = (du * mean).sum().to(scale.scalar_type()).reshape(scale.sizes());
-  return {dh, dscale};
+  return part.sum().to(scale.scalar_type()).reshape(scale.sizes());
 }
 
 }  // namespace svpt

@@ -8,7 +8,6 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <limits>
 
@@ -84,8 +83,7 @@ at::Tensor folded_cross_attention_fwd_cuda(const at::Tensor& x, const at::Tensor
                                            const std::optional<at::Tensor>& residual, bool add_x) {
   check_folded(x, w_logits, b_logits, w_values);
   const c10::cuda::CUDAGuard guard(x.device());
-  // The inputs already have the products' dtype: autocast (if on) must not cast them again.
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const BelowAutograd below;  // the inputs already have the products' dtype: autocast must not cast them
   const int64_t M = w_logits.size(1), d = x.size(1);
   const at::Tensor wl = w_logits.reshape({-1, d}), wv = w_values.reshape({-1, d});
   at::Tensor p = logits_of(x, wl, b_logits);
@@ -100,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> folded_cr
     const std::optional<at::Tensor>& b_logits, const at::Tensor& w_values, bool has_bias, bool add_x) {
   check_folded(x, w_logits, b_logits, w_values);
   const c10::cuda::CUDAGuard guard(x.device());
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const BelowAutograd below;
   const int64_t H = w_logits.size(0), M = w_logits.size(1), d = x.size(1);
   const at::Tensor wl = w_logits.reshape({-1, d}), wv = w_values.reshape({-1, d});
   const at::Tensor g = grad.to(x.scalar_type());

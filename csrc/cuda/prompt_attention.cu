@@ -10,8 +10,8 @@
 // the dK/dV kernel), lanes run over the other side, and the 32 x 32 block of probabilities
 // goes through shared memory. Nothing T x T is stored: the forward keeps the log-sum-exp,
 // the backward recomputes the probabilities (dQ and dK/dV in two kernels, so no atomics and
-// deterministic results). The AE saliency is a small second pass over the requested query
-// rows once the log-sum-exp is known.
+// deterministic results). 16-bit attention of the methods runs on PyTorch's fused attention
+// instead (svpt_kernels/cpp.py: PREFER, and the FlashAttention path of prompt_kv_attention).
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 
@@ -31,14 +31,6 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kTile = 32;
 constexpr int kRows = kTile / kWarps;  // rows owned by one warp
 constexpr int kMaxHeadDim = 128;
-
-struct Strides {  // element strides of a [B, T, H, D] tensor whose D is contiguous
-  int64_t b, t, h;
-};
-
-Strides strides_of(const at::Tensor& t, bool bcast_batch) {
-  return {bcast_batch ? 0 : t.stride(0), t.stride(1), t.stride(2)};
-}
 
 constexpr int kMaxSegments = 2;
 
@@ -142,29 +134,6 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const scalar_t* __re
       if (c < D) o[c] = static_cast<scalar_t>(acc[r][cc] * inv);
     }
     if (lane == 0) lse[(static_cast<int64_t>(b) * H + h) * Tq + t] = m[r] + log_acc(l[r]);
-  }
-}
-
-// probs[b, h, r, j - cols] = softmax probability of query row start + r to key j >= cols.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) saliency_kernel(const scalar_t* __restrict__ q,
-                                                            const scalar_t* __restrict__ k,
-                                                            const acc_t* __restrict__ lse, acc_t* __restrict__ probs,
-                                                            int Tq, int Tk, int H, int D, Strides qs, Strides ks,
-                                                            acc_t scale, int start, int count, int cols) {
-  __shared__ acc_t sq[kMaxHeadDim];
-  const int r = blockIdx.x, h = blockIdx.y, b = blockIdx.z, t = start + r;
-  const scalar_t* qrow = q + b * qs.b + t * qs.t + h * qs.h;
-  for (int c = threadIdx.x; c < D; c += blockDim.x) sq[c] = static_cast<acc_t>(qrow[c]);
-  __syncthreads();
-  const acc_t row_lse = lse[(static_cast<int64_t>(b) * H + h) * Tq + t];
-  const int ns = Tk - cols;
-  acc_t* dst = probs + ((static_cast<int64_t>(b) * H + h) * count + r) * ns;
-  for (int j = cols + threadIdx.x; j < Tk; j += blockDim.x) {
-    const scalar_t* krow = k + b * ks.b + j * ks.t + h * ks.h;
-    acc_t s = 0;
-    for (int c = 0; c < D; ++c) s += sq[c] * static_cast<acc_t>(krow[c]);
-    dst[j - cols] = exp_acc(s * scale - row_lse);
   }
 }
 
@@ -326,13 +295,6 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(
   }
 }
 
-template <typename Kernel>
-void set_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  }
-}
-
 at::Tensor unit_stride_d(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
 
 template <typename F>
@@ -397,24 +359,6 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
     });
   });
   return {out, lse};
-}
-
-// AE saliency from the forward's lse (one key segment): float32 [B, Tk - cols].
-at::Tensor saliency_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse, double scale, int64_t start,
-                       int64_t count, int64_t cols) {
-  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3), Tk = k.size(1);
-  const bool bcast = k.size(0) == 1 && B > 1;
-  at::Tensor probs = at::empty({B, H, count, Tk - cols}, lse.options());
-  if (B == 0) return probs.sum({1, 2}).to(at::kFloat);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "svpt_saliency_cuda", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    const dim3 grid(count, H, B);
-    saliency_kernel<scalar_t, acc_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), probs.data_ptr<acc_t>(), Tq, Tk, H, D,
-        strides_of(q, false), strides_of(k, bcast), static_cast<acc_t>(scale), start, count, cols);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return (probs.sum({1, 2}) / double(H * count)).to(at::kFloat);
 }
 
 // dq and each segment's (dk, dv) in the segment's dtype, summed over the batch where the
@@ -485,20 +429,15 @@ std::pair<at::Tensor, std::vector<KV>> attention_backward(const at::Tensor& grad
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> prompt_attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                                         const at::Tensor& v_in, double scale,
-                                                                         int64_t sal_start, int64_t sal_count,
-                                                                         int64_t sal_cols) {
+std::tuple<at::Tensor, at::Tensor> prompt_attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                            const at::Tensor& v_in, double scale) {
   check_attention(q_in, k_in, v_in);
-  check_saliency(q_in, k_in, sal_start, sal_count, sal_cols);
+  const BelowAutograd below;
   const std::vector<KV> kv = unit_stride_kv({{k_in, v_in}});
   const at::Tensor q = unit_stride_d(q_in);
   check_same_dtype(q, kv);
   const c10::cuda::CUDAGuard guard(q.device());
-  auto [out, lse] = attention_forward(q, kv, scale);
-  at::Tensor saliency = sal_count > 0 ? saliency_of(q, kv[0].k, lse, scale, sal_start, sal_count, sal_cols)
-                                      : at::empty({0}, q.options().dtype(at::kFloat));
-  return {out, lse, saliency};
+  return attention_forward(q, kv, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prompt_attention_bwd_cuda(const at::Tensor& grad_out,
@@ -506,6 +445,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prompt_attention_bwd_cuda(const a
                                                                          const at::Tensor& v_in, const at::Tensor& out,
                                                                          const at::Tensor& lse, double scale) {
   check_attention(q_in, k_in, v_in);
+  const BelowAutograd below;
   const c10::cuda::CUDAGuard guard(q_in.device());
   auto [dq, dkv] = attention_backward(grad_out, unit_stride_d(q_in), unit_stride_kv({{k_in, v_in}}), out, lse, scale);
   return {dq, dkv[0].k, dkv[0].v};
@@ -515,6 +455,7 @@ std::tuple<at::Tensor, at::Tensor> prompt_kv_attention_fwd_cuda(const at::Tensor
                                                                 const at::Tensor& v, const at::Tensor& prompt_k,
                                                                 const at::Tensor& prompt_v, double scale) {
   check_kv_attention(q_in, k, v, prompt_k, prompt_v);
+  const BelowAutograd below;
   const c10::cuda::CUDAGuard guard(q_in.device());
   return attention_forward(unit_stride_d(q_in), unit_stride_kv({{prompt_k, prompt_v}, {k, v}}), scale);
 }
@@ -524,6 +465,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prompt_kv
     const at::Tensor& prompt_k, const at::Tensor& prompt_v, const at::Tensor& out, const at::Tensor& lse,
     double scale) {
   check_kv_attention(q, k, v, prompt_k, prompt_v);
+  const BelowAutograd below;
   const c10::cuda::CUDAGuard guard(q.device());
   auto [dq, dkv] =
       attention_backward(grad_out, unit_stride_d(q), unit_stride_kv({{prompt_k, prompt_v}, {k, v}}), out, lse, scale);
