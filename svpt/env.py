@@ -1,4 +1,5 @@
-"""``svpt env``: versions, compilers and, for each backend, whether it is usable here and why not."""
+"""``svpt env``: versions, compilers, for each backend whether it is usable here and why not, and
+which implementation runs each op in each dtype (svpt.backends.table(), compact)."""
 from __future__ import annotations
 
 import platform
@@ -30,6 +31,30 @@ def _extension_info() -> str:
     return build_info()
 
 
+_TABLE_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _implementations() -> list[tuple[str, str]]:
+    """Rows of svpt.backends.table(), compact: per backend and device here, the ops grouped by
+    which implementation runs each dtype."""
+    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    cells: dict[tuple[str, str], dict[str, dict[str, str]]] = {}
+    for row in backends.table(devices):
+        cells.setdefault((row["backend"], row["device"]), {}).setdefault(row["op"], {})[row["dtype"]] = row["runs"]
+    rows = [("ops run by", " / ".join(_TABLE_DTYPES) + " (svpt.backends.table() says why)")]
+    for (backend, device), ops in cells.items():
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for op, runs in ops.items():
+            groups.setdefault(tuple(runs[d] for d in _TABLE_DTYPES), []).append(op)
+        if list(groups) == [("-",) * len(_TABLE_DTYPES)]:
+            rows.append((f"  {backend} on {device}", "not usable"))
+            continue
+        for runs, names in groups.items():
+            which = "every op" if len(names) == len(ops) else ", ".join(names)
+            rows.append((f"  {backend} on {device}", f"{which}: {' / '.join(runs)}"))
+    return rows
+
+
 def report() -> str:
     try:
         import triton
@@ -53,5 +78,6 @@ def report() -> str:
     for name, reason in backends.describe().items():
         rows.append((f"backend {name}", "usable" if reason is None else f"not usable: {reason}"))
     rows.append(("C++ extension", _extension_info()))
+    rows += _implementations()
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

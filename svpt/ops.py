@@ -111,5 +111,8 @@ def folded_cross_attention(x: torch.Tensor, w_logits: torch.Tensor, b_logits: to
     """
     checks.check_folded_cross_attention(x, w_logits, b_logits, w_values, bias, residual)
     sizes = {"logit_columns": w_logits.shape[0] * w_logits.shape[1]}
-    return _run("folded_cross_attention", x.device, _dtype(x, w_logits), sizes,
+    dtype = _dtype(x, w_logits)
+    if dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):  # its products run in autocast's dtype
+        dtype = torch.get_autocast_dtype(x.device.type)
+    return _run("folded_cross_attention", x.device, dtype, sizes,
                 x, w_logits, b_logits, w_values, bias, residual)

@@ -6,7 +6,9 @@ with every parameter re-drawn from a fixed seed so that nothing is trivially zer
 one (LayerNorm affine, biases, layer-scale gammas, tokens, position embeddings), and
 weights are scaled ~1/sqrt(fan_in) so attention is far from uniform.
 
-All models: img_size 32, patch_size 8 -> N = 16 patch tokens, num_classes 5.
+All models: img_size 32, patch_size 8 -> N = 16 patch tokens, num_classes 5, depth 3; a factory's
+keyword arguments override its timm options (e.g. ``depth=2, img_size=24`` for the slow Triton
+interpreter).
 """
 from __future__ import annotations
 
@@ -81,34 +83,34 @@ def _build(cls, seed: int, **kwargs) -> nn.Module:
     return _finish(model, seed)
 
 
-def vit() -> VisionTransformer:
+def vit(**overrides) -> VisionTransformer:
     """Class token, token pooling, like ViT-B (tiny)."""
-    return _build(VisionTransformer, 1, embed_dim=48, num_heads=4, global_pool="token")
+    return _build(VisionTransformer, 1, embed_dim=48, num_heads=4, global_pool="token", **overrides)
 
 
-def deit() -> nn.Module:
+def deit(**overrides) -> nn.Module:
     """DeiT distilled: class + distillation token (2 prefix tokens), head + head_dist."""
     if VisionTransformerDistilled is None:  # pragma: no cover
         raise RuntimeError("timm has no VisionTransformerDistilled")
-    return _build(VisionTransformerDistilled, 2, embed_dim=32, num_heads=2, global_pool="token")
+    return _build(VisionTransformerDistilled, 2, embed_dim=32, num_heads=2, global_pool="token", **overrides)
 
 
-def dinov2() -> VisionTransformer:
+def dinov2(**overrides) -> VisionTransformer:
     """DINOv2-style: class token + 4 registers, layer scale (random gammas), no_embed_class."""
     return _build(VisionTransformer, 3, embed_dim=48, num_heads=4, global_pool="token",
-                  reg_tokens=4, init_values=1e-5, no_embed_class=True)
+                  reg_tokens=4, init_values=1e-5, no_embed_class=True, **overrides)
 
 
-def noclass() -> VisionTransformer:
+def noclass(**overrides) -> VisionTransformer:
     """No class token, average pooling (fc_norm on, final norm Identity)."""
     return _build(VisionTransformer, 4, embed_dim=32, num_heads=4, class_token=False,
-                  global_pool="avg")
+                  global_pool="avg", **overrides)
 
 
-def qknorm() -> VisionTransformer:
+def qknorm(**overrides) -> VisionTransformer:
     """Class token, qk_norm, average pooling with fc_norm."""
     return _build(VisionTransformer, 5, embed_dim=48, num_heads=4, qk_norm=True,
-                  global_pool="avg", fc_norm=True)
+                  global_pool="avg", fc_norm=True, **overrides)
 
 
 BACKBONES: Dict[str, Callable[[], nn.Module]] = {

@@ -176,8 +176,10 @@ def spec_forward(
     prompt_sd: Dict[str, torch.Tensor],
     options: Optional[dict],
     images: torch.Tensor,
+    saliency: Optional[list] = None,
 ) -> torch.Tensor:
-    """Eval-mode float64 reference logits. ``backbone``: the unprompted timm model (float64)."""
+    """Eval-mode float64 reference logits. ``backbone``: the unprompted timm model (float64).
+    ``saliency``: a list that receives AE's saliency [B, N] of each AE block, in order (SVPT)."""
     assert method in METHODS, method
     opts = dict(DEFAULT_OPTIONS)
     opts.update({k: v for k, v in (options or {}).items()})
@@ -253,6 +255,8 @@ def spec_forward(
                 else:
                     s = p[:, :, n_p:n_p + M, n_p + M:].mean(dim=(1, 2))
                 assert s.shape == (B, N)
+                if saliency is not None:
+                    saliency.append(s.detach())
                 idx = torch.topk(s.detach(), k, dim=-1).indices  # [B, k], no gradient
                 sel = torch.zeros(B, N, dtype=h.dtype)
                 sel[torch.arange(B)[:, None], idx] = 1.0

@@ -1,12 +1,13 @@
 """The public API around the methods: bad input, the prompted model's timm interface,
-checkpoints on disk and the backend switch. Numerical parity is in test_spec_parity.py."""
+checkpoints on disk and the backend switch. Numerical parity is in test_spec_parity.py and
+test_models.py (every backbone variant, the timm registry models and a dynamic image size, by
+value); the backends' declarations in test_backends.py."""
 import copy
 import os
 import subprocess
 import sys
 
 import pytest
-import timm
 import torch
 from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 
@@ -155,29 +156,6 @@ def test_unsupported_calls_say_so(vit):
     svpt.prompt(vit, "svpt", 2)
     with pytest.raises(ValueError, match="attn_mask"):
         vit.forward_features(make_images(1), attn_mask=torch.ones(1, 1))
-    with pytest.raises(RuntimeError, match="forward_intermediates"):
-        vit.forward_intermediates(make_images(1))
-
-
-@pytest.mark.parametrize("name, kwargs", [
-    ("vit_tiny_patch16_224", dict(img_size=64)),
-    ("deit_tiny_distilled_patch16_224", dict(img_size=64)),
-    ("vit_small_patch14_reg4_dinov2", dict(img_size=56, depth=2)),
-    ("vit_medium_patch16_gap_256", dict(img_size=64, depth=2)),
-])
-def test_timm_registry_models(name, kwargs):
-    model = timm.create_model(name, pretrained=False, num_classes=3, **kwargs).eval()
-    svpt.prompt(model, "svpt", 5, ae_source="prompt" if not model.has_class_token else "cls")
-    out = model(torch.randn(2, 3, kwargs["img_size"], kwargs["img_size"]))
-    assert out.shape == (2, 3) and torch.isfinite(out).all()
-
-
-def test_dynamic_image_size():
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=64,
-                              dynamic_img_size=True).eval()
-    svpt.prompt(model, "svpt", 4)
-    for side in (48, 80):  # 9 and 25 patches; AE's k follows N
-        assert model(torch.randn(1, 3, side, side)).shape == (1, 3)
 
 
 # ------------------------------------------------------------------ checkpoints on disk
@@ -290,13 +268,3 @@ def test_env_variable_selects_and_validates_the_backend():
     env["SVPT_BACKEND"] = "fastest"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "SVPT_BACKEND= 'fastest' is not an svpt backend" in out.stderr
-
-
-def test_every_backend_implements_every_op():
-    """svpt.ops dispatches by name to the selected backend's module, with no fallback."""
-    from svpt import backends, ops
-    op_names = [name for name in ops.__all__ if name != "fast_path"]
-    for name, entry in backends._REGISTRY.items():  # noqa: SLF001
-        module = entry.load()
-        missing = [op for op in op_names if not callable(getattr(module, op, None))]
-        assert not missing, f"backend {name!r} lacks {missing}"

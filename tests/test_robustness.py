@@ -33,7 +33,7 @@ from svpt.cli import main
 from backbones import randomize_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKENDS = list(backends._REGISTRY)  # noqa: SLF001 - every registered backend, eager included
+BACKENDS = list(backends.describe())  # every selectable backend, eager included
 
 
 def usable(name: str) -> None:
@@ -71,12 +71,18 @@ def valid_inputs():
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     return {
         "da_mix": [r(2, 8, 64), r(1, 3, 64), r(2, 64), torch.tensor(-2.0), 1],
-        "prompt_attention": [r(2, 8, 2, 32), r(2, 8, 2, 32), r(2, 8, 2, 32), 32 ** -0.5, (0, 1), 4],
-        "ae_update": [r(2, 8, 64), r(2, 8, 64), torch.rand(2, 4, generator=g), torch.tensor(0.5), 1, 3, 2],
+        "prompt_attention": [r(2, 8, 2, 32), r(2, 8, 2, 32), r(2, 8, 2, 32), 32 ** -0.5],
+        "attention_saliency": [r(2, 8, 2, 32), r(2, 8, 2, 32), 32 ** -0.5, (0, 1), 4],
+        "ae_update": [r(2, 8, 64), torch.rand(2, 4, generator=g), torch.tensor(0.5), 1, 3, 2],
         "prompt_kv_attention": [r(2, 5, 2, 32), r(2, 5, 2, 32), r(2, 5, 2, 32), r(1, 3, 2, 32), r(1, 3, 2, 32),
                                 32 ** -0.5],
         "folded_cross_attention": [r(2, 5, 64), r(2, 3, 64), r(2, 3), r(2, 3, 64), r(64), None],
     }
+
+
+def copies(args):
+    """``args`` with every tensor cloned (the in-place ops write their buffer)."""
+    return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
 
 
 def replace(args, index, value):
@@ -90,7 +96,8 @@ BAD_INPUTS = [
     # device: a tensor on another device ("meta" exists on every machine)
     ("da_mix", 1, lambda t: t.to("meta"), ValueError, ["prompts is on meta", "tokens is on cpu", "expected cpu"]),
     ("prompt_attention", 2, lambda t: t.to("meta"), ValueError, ["v is on meta", "q is on cpu"]),
-    ("ae_update", 3, lambda t: t.to("meta"), ValueError, ["scale is on meta", "expected cpu"]),
+    ("attention_saliency", 1, lambda t: t.to("meta"), ValueError, ["k is on meta", "q is on cpu"]),
+    ("ae_update", 2, lambda t: t.to("meta"), ValueError, ["scale is on meta", "expected cpu"]),
     ("prompt_kv_attention", 4, lambda t: t.to("meta"), ValueError, ["prompt_v is on meta"]),
     ("folded_cross_attention", 4, lambda t: t.to("meta"), ValueError, ["bias is on meta", "x is on cpu"]),
     # dtype: unsupported dtypes and mixes the reference cannot compute
@@ -98,14 +105,16 @@ BAD_INPUTS = [
     ("prompt_attention", 0, lambda t: t.to(torch.complex64), TypeError, ["q has dtype complex64"]),
     ("da_mix", 2, lambda t: t.double(), TypeError, ["weight (float64)", "tokens (float32)", "outside torch.autocast"]),
     ("prompt_attention", 1, lambda t: t.half(), TypeError, ["k (float16)", "q (float32)", "share one dtype"]),
+    ("attention_saliency", 1, lambda t: t.half(), TypeError, ["k (float16)", "q (float32)"]),
     ("prompt_kv_attention", 0, lambda t: t.double(), TypeError, ["q (float64)", "[prompt_k; k] (float32)"]),
     ("folded_cross_attention", 3, lambda t: t.half(), TypeError, ["w_values (float16)"]),
-    ("ae_update", 2, lambda t: t.to(torch.int32), TypeError, ["saliency has dtype int32"]),
+    ("ae_update", 1, lambda t: t.to(torch.int32), TypeError, ["saliency has dtype int32"]),
     # types
     ("da_mix", 0, lambda t: t.tolist(), TypeError, ["tokens must be a torch.Tensor, got list"]),
     ("da_mix", 4, lambda n: 1.0, TypeError, ["num_prefix must be an integer, got 1.0"]),
     ("prompt_attention", 3, lambda s: "0.1", TypeError, ["scale must be a real number"]),
     ("prompt_attention", 3, lambda s: math.nan, ValueError, ["scale=nan must be finite"]),
+    ("attention_saliency", 3, lambda r: 0, TypeError, ["saliency_rows must be (start, count)"]),
     # shapes: ranks and sizes
     ("da_mix", 0, lambda t: t[0], ValueError, ["tokens has shape (8, 64); expected [B, T, d]"]),
     ("da_mix", 1, lambda t: t[..., :32], ValueError, ["prompts has shape (1, 3, 32)", "d=64"]),
@@ -116,27 +125,37 @@ BAD_INPUTS = [
     ("da_mix", 4, lambda n: -1, ValueError, ["num_prefix=-1"]),
     ("prompt_attention", 1, lambda t: t[:, :, :1], ValueError, ["k has shape (2, 8, 1, 32)", "H=2"]),
     ("prompt_attention", 2, lambda t: t[:, :5], ValueError, ["must have the same shape"]),
-    ("prompt_attention", 4, lambda r: (0, 9), ValueError, ["saliency_rows count=9 is out of range"]),
-    ("prompt_attention", 4, lambda r: (8, 1), ValueError, ["saliency_rows start=8"]),
-    ("prompt_attention", 4, lambda r: 0, TypeError, ["saliency_rows must be None or (start, count)"]),
-    ("prompt_attention", 5, lambda c: 8, ValueError, ["saliency_cols=8", "Tk=8"]),
-    ("ae_update", 1, lambda t: t[:, :7], ValueError, ["attn_out has shape (2, 7, 64)"]),
-    ("ae_update", 2, lambda t: t[:, :3], ValueError, ["saliency has shape (2, 3); expected [B=2, N=4]"]),
-    ("ae_update", 6, lambda k: 0, ValueError, ["k=0 is out of range", "in 1..4"]),
-    ("ae_update", 6, lambda k: 5, ValueError, ["k=5", "N=4 patch tokens"]),
-    ("ae_update", 5, lambda m: 7, ValueError, ["num_prefix=1 is out of range"]),
-    ("ae_update", 5, lambda m: 0, ValueError, ["num_prompts=0"]),
+    ("attention_saliency", 1, lambda t: t[..., :16], ValueError, ["k has shape (2, 8, 2, 16)", "D=32"]),
+    ("attention_saliency", 3, lambda r: (0, 9), ValueError, ["saliency_rows count=9 is out of range"]),
+    ("attention_saliency", 3, lambda r: (8, 1), ValueError, ["saliency_rows start=8"]),
+    ("attention_saliency", 4, lambda c: 8, ValueError, ["saliency_cols=8", "Tk=8"]),
+    ("ae_update", 0, lambda t: t[0], ValueError, ["h has shape (8, 64); expected [B, T, d]"]),
+    ("ae_update", 1, lambda t: t[:, :3], ValueError, ["saliency has shape (2, 3); expected [B=2, N=4]"]),
+    ("ae_update", 5, lambda k: 0, ValueError, ["k=0 is out of range", "in 1..4"]),
+    ("ae_update", 5, lambda k: 5, ValueError, ["k=5", "N=4 patch tokens"]),
+    ("ae_update", 4, lambda m: 7, ValueError, ["num_prefix=1 is out of range"]),
+    ("ae_update", 4, lambda m: 0, ValueError, ["num_prompts=0"]),
     ("prompt_kv_attention", 1, lambda t: t[:1], ValueError, ["k has shape (1, 5, 2, 32); expected [B=2"]),
     ("prompt_kv_attention", 3, lambda t: t[:, :0], ValueError, ["prompt_k has shape (1, 0, 2, 32)", "M >= 1"]),
     ("folded_cross_attention", 1, lambda t: t[..., :32], ValueError, ["w_logits has shape (2, 3, 32)"]),
     ("folded_cross_attention", 2, lambda t: t[:1], ValueError, ["b_logits has shape (1, 3); expected [H, M]"]),
     ("folded_cross_attention", 5, lambda r: torch.zeros(2, 4, 64), ValueError, ["residual has shape (2, 4, 64)"]),
 ]
+KNOWN_BUG = pytest.mark.xfail(strict=True, reason=(
+    "svpt/checks.py promises that every backend accepts any strides, but the kernels write the in-place "
+    "buffer only with a unit last stride and refuse others, each with its own error (triton: ValueError, "
+    "cpp: RuntimeError), while eager accepts them: the check belongs at the entry, the same on every backend"))
+STRIDED_BUFFER = [  # the buffer of an in-place op with a non-unit last stride
+    pytest.param("da_mix", 0, lambda t: torch.cat([t, t], -1)[..., ::2], ValueError, ["tokens", "last dimension"],
+                 marks=KNOWN_BUG, id="da_mix-strided-buffer"),
+    pytest.param("ae_update", 0, lambda t: torch.cat([t, t], -1)[..., ::2], ValueError, ["h", "last dimension"],
+                 marks=KNOWN_BUG, id="ae_update-strided-buffer"),
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op,index,mutate,error,words", BAD_INPUTS,
-                         ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_INPUTS)])
+@pytest.mark.parametrize("op,index,mutate,error,words",
+                         [pytest.param(*b, id=f"{b[0]}-{i}") for i, b in enumerate(BAD_INPUTS)] + STRIDED_BUFFER)
 def test_bad_input_raises_the_same_clear_error_on_every_backend(backend, op, index, mutate, error, words):
     usable(backend)
     args = valid_inputs()[op]
@@ -155,16 +174,15 @@ def test_valid_inputs_pass_the_checks(backend):
     for op, args in valid_inputs().items():
         with svpt.backend(backend):
             out = getattr(ops, op)(*args)
-        assert (out[0] if isinstance(out, tuple) else out).isfinite().all(), op
+        assert out.isfinite().all(), op
 
 
 def test_mixed_dtypes_the_reference_accepts_are_accepted():
-    """Sums promote (tokens fp32 + attn_out fp16), and under autocast the multiplied tensors may
-    differ (autocast casts them): the same mixes the reference computes."""
+    """AE's scale may have another dtype than h (u is added in h's dtype), and under autocast the
+    multiplied tensors may differ (autocast casts them): the same mixes the reference computes."""
     args = valid_inputs()
-    tokens, attn_out, *rest = args["ae_update"]
-    out = ops.ae_update(tokens, attn_out.half(), *rest)
-    assert out.dtype == torch.float32
+    h, saliency, scale, *rest = args["ae_update"]
+    assert ops.ae_update(h, saliency, scale.half(), *rest).dtype == torch.float32
     tokens, prompts, weight, bias, n = args["da_mix"]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ops.da_mix(tokens, prompts.bfloat16(), weight, bias, n)
@@ -293,10 +311,11 @@ def test_fp16_overflow_steps_are_skipped_and_no_nan_reaches_the_prompts(backend)
 # ================================================================ non-finite inputs propagate
 NAN_CASES = [  # (op, argument index, position of the NaN)
     ("da_mix", 0, (0, 2, 5)),            # a prompt row of P_out: that row's mix is NaN
-    ("da_mix", 0, (1, 6, 0)),            # a patch row: copied as it is
+    ("da_mix", 0, (1, 6, 0)),            # a patch row: left as it is
     ("prompt_attention", 1, (0, 5, 1, 3)),  # a key: every query of sample 0, head 1
     ("prompt_attention", 2, (1, 0, 0, 0)),  # a value
-    ("ae_update", 1, (0, 2, 7)),         # a prompt row of h: u, so the k selected rows of sample 0
+    ("attention_saliency", 1, (0, 6, 1, 3)),  # a key: every saliency of sample 0
+    ("ae_update", 0, (0, 2, 7)),         # a prompt row of h: u, so the k selected rows of sample 0
     ("ae_update", 0, (1, 6, 1)),         # a patch row
     ("prompt_kv_attention", 3, (0, 1, 0, 2)),  # a prompt key, shared by the batch
     ("folded_cross_attention", 0, (1, 2, 3)),  # one token of x
@@ -314,9 +333,8 @@ def test_nan_inputs_propagate_like_the_reference(backend, op, index, where):
     poisoned[where] = math.nan
     args = replace(args, index, poisoned)
     with svpt.backend(backend):
-        got = getattr(ops, op)(*args)
-    want = getattr(reference, op)(*args)
-    got, want = (got[0], want[0]) if isinstance(got, tuple) else (got, want)
+        got = getattr(ops, op)(*copies(args))
+    want = getattr(reference, op)(*copies(args))
     assert (~want.isfinite()).any()
     assert torch.equal(got.isfinite(), want.isfinite())
     finite = want.isfinite()
@@ -390,7 +408,10 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint(tmp_path):
     assert f"resuming {killed} after epoch 1" in out
 
     assert main(["train", *TINY, *RUN, "--output", whole, "--progress", "none"]) == 0
-    for name in ("prompts_last.safetensors", "prompts_best.safetensors"):
+    checkpoints = sorted(name for name in os.listdir(whole) if name.endswith(".safetensors"))  # the protocol's
+    assert "prompts_last.safetensors" in checkpoints
+    assert checkpoints == sorted(name for name in os.listdir(killed) if name.endswith(".safetensors"))
+    for name in checkpoints:
         a, b = load_file(os.path.join(whole, name)), load_file(os.path.join(killed, name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert rows(os.path.join(killed, "metrics.jsonl")) == rows(os.path.join(whole, "metrics.jsonl"))

@@ -1,0 +1,109 @@
+"""prompt_kv_attention (VPT-deep's fast path: attention over [prompt keys; token keys]) on every
+backend that declares it.
+
+Against the float64 reference (opcheck.check): the output and all five input gradients (a batch-1
+prompt segment's summed over the batch). In 16-bit the only allowance beyond 2x eager's error is
+FlashAttention's D rounding (numerics.flash_delta_moves); test_flash_delta_floor_is_tight shows
+that allowance is the error a flash backward makes, not a cover for another. Inputs: q/k/v as the
+strided views of one projection, shared (batch 1) and per-sample prompts, one prompt and more
+prompts than one key block, head dims that are not powers of two.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from svpt import reference
+
+from numerics import rel_err
+from opcheck import (Case, check, check_hand_over, check_sized_route, declared, execute, flash_floors, handed_over,
+                     kernel_backends, own_cases, randn, rounded)
+
+OP = "prompt_kv_attention"
+FLASH = flash_floors("q", [("prompt_k", "prompt_v"), ("k", "v")])
+NAMES = ("q", "k", "v", "prompt_k", "prompt_v")
+# name: (batch, tokens, heads, head dim, prompt batch, M)
+SHAPES = {
+    "shared-prompts-M5-D32": (2, 17, 2, 32, 1, 5),
+    "per-sample-prompts-M17-D24": (2, 9, 2, 24, 2, 17),
+    "one-prompt-D40": (2, 18, 1, 40, 1, 1),
+}
+LONG = {"vit-M50-T267": (2, 267, 2, 64, 1, 50)}  # past the kernels' 256-row tiles
+# tests/gpu/test_ops_gpu.py: the op at ViT-B/16's sizes (d 768, 12 heads of 64, N 196)
+VIT_B16 = {"vitb16-M50": (32, 197, 12, 64, 1, 50)}
+
+
+def make(name: str, seed: int = 0, head_dim: int | None = None) -> Case:
+    batch, tokens, heads, dim, prompt_batch, m = (SHAPES | LONG | VIT_B16)[name]
+    dim = head_dim or dim
+    gen = torch.Generator().manual_seed(seed + dim)
+    q, k, v = (randn(gen, batch, tokens, heads, dim) for _ in range(3))
+    prompt_k, prompt_v = (randn(gen, prompt_batch, m, heads, dim) for _ in range(2))
+    return Case(OP, dict(zip(NAMES, (q, k, v, prompt_k, prompt_v))), (dim ** -0.5,), grads=NAMES,
+                layouts=dict.fromkeys("qkv", "padded"))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("backend,device,dtype", own_cases(OP))
+def test_matches_float64_reference(backend, device, dtype, shape):
+    check(make(shape), backend, device, dtype, floors=FLASH)
+
+
+@pytest.mark.parametrize("shape", LONG)
+@pytest.mark.parametrize("backend,device,dtype", own_cases(OP, long=True))
+def test_long_sequences(backend, device, dtype, shape):
+    check(make(shape), backend, device, dtype, floors=FLASH)
+
+
+@pytest.mark.parametrize("needed", NAMES)
+@pytest.mark.parametrize("backend,device,dtype", own_cases(OP, dtypes=(torch.float32,)))
+def test_only_some_inputs_need_grad(backend, device, dtype, needed):
+    case = make("shared-prompts-M5-D32")
+    case.grads = (needed,)
+    check(case, backend, device, dtype)
+
+
+def flash_backends() -> list:
+    """(backend, device) computing this op in fp16 themselves with a FlashAttention-style backward (D
+    taken from the fp16 output): Triton's. (The C++ CPU kernels compute fp16 in fp32: no D rounding.)"""
+    return [pytest.param(row["backend"], row["device"], id=f"{row['backend']}-{row['device']}") for row in declared(OP)
+            if row["backend"] == "triton" and row["runs"] == "triton" and row["dtype"] == "float16"]
+
+
+@pytest.mark.parametrize("backend,device", flash_backends())
+def test_flash_delta_floor_is_tight(backend, device):
+    """One query, one token key and one prompt key in fp16 (a case hypothesis found on the GPU):
+    the flash backward's key gradient is far beyond 2x eager's error, and that excess is the
+    D-rounding term of numerics.flash_delta_moves to within 10%: the floor explains the error."""
+    gen = torch.Generator().manual_seed(194)
+    case = Case(OP, {n: randn(gen, 1, 1, 1, 32) for n in NAMES}, (32 ** -0.5,), grads=NAMES)
+    dtype = torch.float16
+    want = execute(case, None, device, dtype)
+    got = execute(case, backend, device, dtype)
+    eager = execute(case, "eager", device, dtype)
+    assert got.log == [(OP, backend)]
+    floor = FLASH(case, want, dtype)["grad k"]
+    err, eager_err = rel_err(got.grads["k"], want.grads["k"]), rel_err(eager.grads["k"], want.grads["k"])
+    assert err > 4 * eager_err, (err, eager_err)
+    assert abs(err - floor) < 0.1 * floor, (err, floor)
+
+
+def test_reference_is_attention_over_the_concatenation():
+    """The reference (eager float64) is prompt_attention over [prompt_k; k], [prompt_v; v] (the
+    plain VPT-deep path), to rounding."""
+    case = rounded(make("shared-prompts-M5-D32"), torch.float64)
+    q, k, v, pk, pv = (case.inputs[n] for n in NAMES)
+    out = reference.prompt_kv_attention(q, k, v, pk, pv, 0.3)
+    expected = reference.prompt_attention(q, torch.cat([pk.expand(2, -1, -1, -1), k], 1),
+                                          torch.cat([pv.expand(2, -1, -1, -1), v], 1), 0.3)
+    assert rel_err(out, expected) < 1e-14
+
+
+@pytest.mark.parametrize("row", handed_over(OP))
+def test_hand_over(row):
+    check_hand_over(make("shared-prompts-M5-D32"), row)
+
+
+@pytest.mark.parametrize("backend", kernel_backends(OP))
+def test_head_dim_past_a_declared_limit(backend):
+    check_sized_route(make("one-prompt-D40", head_dim=320), backend, {"head_dim": 320})

@@ -1,0 +1,63 @@
+"""torch.compile(fullgraph=True) traces every method on every kernel backend: the ops are
+registered torch.library ops with fake kernels (svpt_kernels/triton/_common.define_op, the C++
+extension's register_fake), so no graph breaks; the compiled model computes what the eager
+one does, forward and backward. On CPU the aot_eager backend traces forward and backward
+through the registered ops (Inductor would compile CPU code the Triton interpreter cannot serve);
+on a GPU, Inductor. Also ``svpt.fused.apply``, which prompts and selects the backend in one call.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import svpt
+from svpt import backends
+
+import opcheck
+from backbones import BACKBONES, make_images
+from numerics import rel_err
+from test_spec_parity import randomize_trainables
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL_BACKENDS = [name for name in opcheck.BACKENDS if name != "eager"
+                   and any(row["runs"] == name for row in backends.table((DEVICE,), (name,)))]
+
+
+def step(model, run, images):
+    """``run(images)``'s logits and the gradients it leaves in ``model``'s trainable tensors."""
+    model.zero_grad(set_to_none=True)
+    logits = run(images)
+    logits.square().sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", ["svpt", "vpt-deep", "cvpt"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_compile_fullgraph(backend, method):
+    if DEVICE == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    model = svpt.prompt(BACKBONES["vit"](depth=2, img_size=24), method, 3).to(DEVICE)
+    randomize_trainables(model, seed=1)
+    images = make_images(2, 24, seed=10).to(DEVICE)
+    with svpt.backend(backend):
+        want_logits, want_grads = step(model, model, images)
+        compiled = torch.compile(model, backend="aot_eager" if DEVICE == "cpu" else "inductor", fullgraph=True)
+        got_logits, got_grads = step(model, compiled, images)
+    torch._dynamo.reset()
+    assert rel_err(got_logits, want_logits) < 1e-5
+    assert set(got_grads) == set(want_grads)
+    for name, grad in got_grads.items():
+        assert want_grads[name].abs().max() > 0 and rel_err(grad, want_grads[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fused_apply_selects_the_backend(backend):
+    previous = svpt.get_backend()
+    try:
+        model = svpt.fused.apply(BACKBONES["vit"](depth=2, img_size=24), "svpt", 3, backend=backend).to(DEVICE)
+        assert svpt.get_backend() == backend
+        with backends.trace() as log:
+            model(make_images(2, 24, seed=4).to(DEVICE))
+        assert any(impl == backend for _, impl in log), log
+    finally:
+        svpt.set_backend(previous)
