@@ -391,7 +391,7 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint(tmp_path):
     try:
         for line in proc.stdout:  # progress lines: "epoch 2/3 40/192 loss ..."
             seen.append(line)
-            match = re.match(r"epoch 2/3 (\d+)/(\d+) ", line)
+            match = re.match(r"epoch 2/3 (?:step )?(\d+)/(\d+) ", line)
             if match and 0 < int(match.group(1)) < int(match.group(2)):
                 proc.send_signal(signal.SIGKILL)
                 break
