@@ -16,17 +16,10 @@ import triton.language as tl
 
 from . import _common
 from ._common import define_op, last_dim_contiguous, launch, next_pow2
+from .prompt_attention import _LOG2E, _dot
 
 __all__ = ["attention_saliency"]
 
-_LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @triton.jit
