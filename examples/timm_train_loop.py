@@ -1,7 +1,10 @@
 """An ordinary timm / PyTorch training loop; svpt adds one import and one call (marked).
 
     python examples/timm_train_loop.py                      # tiny ViT, CPU or GPU, ~1 min on a CPU
-    python examples/timm_train_loop.py --model vit_base_patch16_224 --weights ViT-B_16.npz
+    python examples/timm_train_loop.py --model vit_base_patch16_224 --weights ViT-B_16.npz --output runs/p.safetensors
+
+At the end it saves the trained prompts and head (a prompt checkpoint, a few KB) to --output
+(default: prompts.safetensors in the current directory) and says where.
 
 Without the two svpt lines this fine-tunes the whole ViT; with them the backbone is frozen
 and only the prompts and the new head train (their parameters are the only ones with
@@ -10,6 +13,7 @@ where the GPU allows (backend "auto").
 """
 import argparse
 import math
+import os
 
 import timm
 import torch
@@ -35,6 +39,8 @@ def main():
     parser.add_argument("--model", default="test_vit")
     parser.add_argument("--weights", help="local .npz/.pth/.safetensors file (default: random init)")
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--output", default="prompts.safetensors",
+                        help="where to save the prompt checkpoint (default: %(default)s, in the current directory)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -66,7 +72,8 @@ def main():
         with torch.no_grad(), torch.autocast(**amp):
             accuracy = (model(test_x.to(device)).argmax(-1).cpu() == test_y).float().mean().item()
         print(f"epoch {epoch + 1}: loss {loss.item():.3f}, held-out accuracy {accuracy:.3f}")
-    svpt.save_prompts(model, "prompts.safetensors")  # prompts + head only (optional)
+    svpt.save_prompts(model, args.output)  # prompts + head only (optional)
+    print(f"saved the prompts and head to {os.path.abspath(args.output)}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ declares, as plain data (kernel modules never import :mod:`svpt`):
     ``{op: {"devices": (device types...), "dtypes": (torch dtypes...), "limits": {size: max}}}``:
     what the module computes itself. A call outside it (another dtype, device or size) is
     *handed over* here, to the eager reference, and the hand-over is recorded with its reason.
+    ``"jit_trace": False`` marks an op that ``torch.jit.trace`` cannot record (an in-place
+    autograd.Function): while tracing it is handed to the reference too.
     A module without ``SUPPORTS`` (the reference) computes every op for every input.
 ``PREFER``
     ``{op: [{"devices": ..., "dtypes": ..., "use": implementation, "why": reason}, ...]}``:
@@ -22,7 +24,9 @@ declares, as plain data (kernel modules never import :mod:`svpt`):
 Besides the selectable backends there are *providers* (``sdpa``): implementations of a few
 ops that a backend's ``PREFER`` may name; they cannot be selected on their own.
 
-Select with ``svpt.set_backend(name)``, ``with svpt.backend(name):`` or ``SVPT_BACKEND``.
+Select with ``svpt.set_backend(name)``, ``with svpt.backend(name):`` or ``SVPT_BACKEND``; the default
+is ``"auto"``: per device, the first usable of triton, cpp, eager among those its ``AUTO_DEVICE_TYPES``
+lets it pick there (triton on CUDA, cpp on CPU), warning once where it skips one of those, saying why.
 The methods resolve their kernels once per forward (:func:`kernels`, cached per device, dtype
 and sizes) and call them directly; :mod:`svpt.ops` resolves per call (:func:`implementation`).
 :func:`trace` records which implementation ran for each op, and :func:`table` lists
@@ -31,8 +35,11 @@ op x device x dtype -> implementation (``svpt env`` prints it).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import importlib.util
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -47,7 +54,7 @@ __all__ = ["Implementation", "Kernels", "OPS", "available_backends", "backend", 
 # The ops of svpt.ops. The attention-like ones route on the dtype their products run in.
 OPS = ("da_mix", "prompt_attention", "attention_saliency", "ae_update", "prompt_kv_attention",
        "folded_cross_attention")
-_PRODUCT_OPS = ("prompt_attention", "attention_saliency", "prompt_kv_attention", "folded_cross_attention")
+PRODUCT_OPS = ("prompt_attention", "attention_saliency", "prompt_kv_attention", "folded_cross_attention")
 REFERENCE = "eager"
 
 
@@ -114,7 +121,7 @@ def _check_name(name: object, source: str) -> str:
     return name
 
 
-_current = _check_name(os.environ.get("SVPT_BACKEND", "eager"), "SVPT_BACKEND=")
+_current = _check_name(os.environ.get("SVPT_BACKEND", _AUTO), "SVPT_BACKEND=")
 _fast_paths_on = os.environ.get("SVPT_FAST_PATHS", "1") != "0"
 
 
@@ -174,12 +181,31 @@ def _backend_name(device: torch.device) -> str:
         if reason is None:
             if skipped and (device.type, name) not in _auto_warned:
                 _auto_warned.add((device.type, name))
-                warnings.warn(f"svpt backend 'auto' on {device.type}: using {name!r}; " + "; ".join(skipped),
-                              RuntimeWarning, stacklevel=5)
+                warnings.warn(f"svpt backend 'auto' runs {name!r} on {device.type}, not the faster " + "; ".join(skipped)
+                              + " (svpt env lists what each backend needs)", RuntimeWarning,
+                              stacklevel=caller_stacklevel())
             return name
         if reason:  # meant for this device but unusable: worth saying once
-            skipped.append(f"{name!r} not usable: {reason}")
+            skipped.append(f"{name!r}: {reason}")
     raise RuntimeError("no svpt backend is usable: " + "; ".join(skipped))
+
+
+_LIBRARIES = ("svpt", "svpt_kernels", "timm", "torch")
+
+
+@functools.lru_cache(maxsize=None)
+def _library_dirs() -> tuple[str, ...]:
+    specs = (importlib.util.find_spec(name) for name in _LIBRARIES)
+    return tuple(os.path.dirname(spec.origin) + os.sep for spec in specs if spec is not None and spec.origin)
+
+
+def caller_stacklevel() -> int:
+    """``stacklevel`` for a ``warnings.warn`` made by the function calling this: the first frame outside
+    svpt, timm and torch (the user's line, whichever way the call came through the model)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_library_dirs()):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def resolve(device: torch.device) -> ModuleType:
@@ -224,6 +250,8 @@ def _route(backend_name: str, op: str, device_type: str, dtype: torch.dtype, siz
     if dtype not in spec["dtypes"]:
         accepted = ", ".join(_dtype_name(d) for d in spec["dtypes"])
         return REFERENCE, f"{backend_name}'s {op} computes {accepted}, not {_dtype_name(dtype)}"
+    if torch.jit.is_tracing() and not spec.get("jit_trace", True):
+        return REFERENCE, f"torch.jit.trace cannot record {backend_name}'s in-place {op} (it marks its buffer dirty)"
     for size, limit in spec.get("limits", {}).items():
         if size in sizes and sizes[size] > limit:
             return REFERENCE, f"{backend_name}'s {op} takes {size} <= {limit}, here {sizes[size]}"
@@ -278,7 +306,7 @@ class Kernels:
         self.names: dict[str, str] = {}
         self.why: dict[str, str | None] = {}
         for op in OPS:
-            impl = implementation(op, device, product_dtype if op in _PRODUCT_OPS else dtype, sizes)
+            impl = implementation(op, device, product_dtype if op in PRODUCT_OPS else dtype, sizes)
             setattr(self, op, impl.fn)
             self.names[op], self.why[op] = impl.name, impl.why
         listed = getattr(_REGISTRY[self.backend].load(), "FAST_PATHS", ())
@@ -300,7 +328,7 @@ def kernels(device: torch.device, dtype: torch.dtype, **sizes: int) -> Kernels:
     if dtype != torch.float64 and torch.is_autocast_enabled(device.type):
         product = torch.get_autocast_dtype(device.type)
     key = (device, dtype, product, tuple(sorted(sizes.items())), _current, _fast_paths_on,
-           torch.are_deterministic_algorithms_enabled())
+           torch.are_deterministic_algorithms_enabled(), torch.jit.is_tracing())
     found = _KERNELS.get(key)
     if found is None:
         found = _KERNELS[key] = Kernels(device, dtype, product, sizes)

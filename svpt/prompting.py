@@ -1,17 +1,23 @@
 """``svpt.prompt``: validate, freeze, attach a method to a timm VisionTransformer."""
 from __future__ import annotations
 
+import copyreg
+import logging
 import math
 import numbers
-from typing import Any
+import warnings
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from .backends import caller_stacklevel
 from .checks import check_model_input
 from .methods import METHODS, PromptMethod
 
 __all__ = ["is_prompted", "prompt", "summary"]
+
+log = logging.getLogger("svpt")
 
 _CLASSIFIERS = ("head", "head_dist")  # head_dist: DeiT's distillation head
 
@@ -121,6 +127,8 @@ class PromptedViTMixin:
 
     def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                          is_causal: bool = False) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):  # before any check reads x, which a Proxy cannot answer
+            raise RuntimeError(FX_UNSUPPORTED)
         if attn_mask is not None or is_causal:
             raise ValueError("a prompted model does not take attn_mask or is_causal")
         check_model_input(self, x)
@@ -138,6 +146,24 @@ class PromptedViTMixin:
         self.training = mode
         self.prompter.train(mode)
         return self
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, which also takes a prompt-only state dict: exactly the keys of
+        :func:`svpt.prompt_state_dict` (``prompts``, ..., ``head.weight``), plus the metadata that
+        :class:`svpt.timm_support.PromptCheckpointSaver` adds, checked against this model. So timm's
+        ``load_checkpoint`` / ``resume_checkpoint`` and EMA loading read prompt-only checkpoints; those
+        load strictly whatever ``strict`` says. A full state dict whose ``prompter.*`` tensors were made by
+        another method or prompt count is a ValueError saying so (with ``strict=True``)."""
+        from . import timm_support  # it imports this module
+        if timm_support.is_prompt_only(state_dict):
+            return timm_support.load_prompt_only(self, state_dict)
+        if strict:
+            timm_support.check_prompter_tensors(self, state_dict)
+        return nn.Module.load_state_dict(self, state_dict, strict=strict, assign=assign)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: one sentence instead of TorchScript's errors from deep inside
+        raise RuntimeError(SCRIPT_UNSUPPORTED)
 
     def forward_intermediates(self, x, indices=None, return_prefix_tokens=False, norm=False, stop_early=False,
                               output_fmt="NCHW", intermediates_only=False, output_dict=False, attn_mask=None,
@@ -159,13 +185,33 @@ class PromptedViTMixin:
         return dense.prune_intermediate_layers(self, indices, prune_norm, prune_head)
 
 
+SCRIPT_UNSUPPORTED = ("torch.jit.script does not support svpt's prompted models (their blocks call kernels chosen "
+                      "at run time); use torch.jit.trace, torch.export or torch.compile")
+FX_UNSUPPORTED = ("torch.fx symbolic tracing does not support svpt's prompted models (their forward reads the "
+                  "input's shape, device and dtype); use torch.export, torch.compile or torch.jit.trace")
+
+
+class PromptedClass(type):
+    """Metaclass of the prompted classes. They are made at run time, one per timm class
+    (``PromptedVisionTransformer`` for ``VisionTransformer``, ...), so that ``isinstance`` and timm's
+    own methods keep working; a prompted class pickles as "the prompted class of <timm class>"
+    (copyreg below), so ``torch.save(model)``, ``pickle`` and multiprocessing spawn work, and
+    unpickling makes the class again in the receiving process."""
+
+
 _PROMPTED_CLASSES: dict[type, type] = {}
 
 
-def _prompted_class(cls: type) -> type:
+def prompted_class(cls: type) -> type:
+    """The prompted class of timm class ``cls`` (made once per process)."""
     if cls not in _PROMPTED_CLASSES:
-        _PROMPTED_CLASSES[cls] = type(f"Prompted{cls.__name__}", (PromptedViTMixin, cls), {})
+        name = f"Prompted{cls.__name__}"
+        _PROMPTED_CLASSES[cls] = PromptedClass(name, (PromptedViTMixin, cls),
+                                               {"__module__": __name__, "__qualname__": name})
     return _PROMPTED_CLASSES[cls]
+
+
+copyreg.pickle(PromptedClass, lambda cls: (prompted_class, (cls.__bases__[1],)))
 
 
 def is_prompted(model: Any) -> bool:
@@ -179,7 +225,8 @@ def classifier_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def summary(model: nn.Module) -> str:
-    """One line: the method, its options, trainable and total parameter counts."""
+    """One line: the method, its options, trainable and total parameter counts (what
+    :func:`prompt` logs)."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return (f"svpt: {model.prompter.describe()} on {type(model).__bases__[1].__name__} "
@@ -194,7 +241,10 @@ def prompt(model: nn.Module, method: str, num_prompts: int, num_classes: int | N
     ``method``: ``"vpt-shallow"``, ``"vpt-deep"``, ``"svpt"`` or ``"cvpt"``; ``num_prompts``:
     M >= 1 prompts (per layer); ``num_classes``: re-create the classifier head with this
     many classes. ``options`` are the method's options of METHOD.md. The backbone is
-    frozen and kept in eval mode; the prompts and the classifier head are trainable.
+    frozen and kept in eval mode; the prompts and the classifier head are trainable. The ops
+    run on the selected backend (default ``"auto"``: the fastest usable one for each device).
+    Nothing is printed: the one-line :func:`summary` goes to the ``svpt`` logger (INFO), and a
+    warning names timm dropout / drop-path settings that eval mode leaves without effect.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; accepted: {', '.join(METHODS)}")
@@ -217,7 +267,21 @@ def prompt(model: nn.Module, method: str, num_prompts: int, num_classes: int | N
     for head in classifier_modules(model).values():
         head.to(device=reference.device, dtype=reference.dtype).requires_grad_(True)
     model.prompter = prompter
-    model.__class__ = _prompted_class(type(model))
+    model.__class__ = prompted_class(type(model))
     model.train(model.training)
-    print(summary(model))
+    _warn_inactive_regularisers(model)
+    log.info(summary(model))
     return model
+
+
+def _warn_inactive_regularisers(model: nn.Module) -> None:
+    """Say once per call which of the model's dropout / drop-path settings (timm's ``drop_rate``,
+    ``drop_path_rate``, ...) do nothing: the prompted model keeps every timm layer in eval mode."""
+    from .timm_support import inactive_regularisers  # it imports this module
+
+    found = inactive_regularisers(model)
+    if found:
+        warnings.warn(f"svpt: these settings of the model have no effect: {'; '.join(found)}; svpt keeps the "
+                      "frozen backbone, the head's dropout with it, in eval mode while the prompts train "
+                      "(docs/method.md); regularise the prompts with the prompt_dropout option", UserWarning,
+                      stacklevel=caller_stacklevel())

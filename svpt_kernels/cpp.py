@@ -54,9 +54,12 @@ FAST_PATHS = {"cpu": ("prompt_kv_attention", "folded_cross_attention"),
 _ALL = {"devices": ("cpu", "cuda"), "dtypes": _DTYPES}
 # The CUDA attention kernels keep a head's row in registers: head dims up to 128 (the saliency
 # kernel stages rows in shared memory: up to 256). The limits apply on CPU too (one spec per op).
+# The in-place ops are autograd.Functions that mark their buffer dirty, which torch.jit.trace
+# cannot record: while it traces, svpt.backends hands them to the reference.
+_IN_PLACE = {**_ALL, "jit_trace": False}
 SUPPORTS = {
-    "da_mix": _ALL,
-    "ae_update": _ALL,
+    "da_mix": _IN_PLACE,
+    "ae_update": _IN_PLACE,
     "attention_saliency": {**_ALL, "limits": {"head_dim": 256}},
     "prompt_attention": {**_ALL, "limits": {"head_dim": 128}},
     "prompt_kv_attention": {**_ALL, "limits": {"head_dim": 128}},

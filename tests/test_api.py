@@ -3,6 +3,7 @@ checkpoints on disk and the backend switch. Numerical parity is in test_spec_par
 test_models.py (every backbone variant, the timm registry models and a dynamic image size, by
 value); the backends' declarations in test_backends.py."""
 import copy
+import logging
 import os
 import subprocess
 import sys
@@ -85,12 +86,16 @@ def test_prompting_twice(vit):
 
 
 # ------------------------------------------------------------------ the prompted model keeps timm's interface
-def test_summary_line(vit, capsys):
-    svpt.prompt(vit, "svpt", 4, num_classes=7)
-    line = capsys.readouterr().out.strip()
+def test_summary_line(vit, capsys, caplog):
+    """svpt.prompt logs (never prints) its one-line summary to the ``svpt`` logger."""
+    with caplog.at_level(logging.INFO, logger="svpt"):
+        svpt.prompt(vit, "svpt", 4, num_classes=7)
+    assert capsys.readouterr().out == ""
+    lines = [record.getMessage() for record in caplog.records if record.name == "svpt"]
     trainable = sum(p.numel() for p in vit.parameters() if p.requires_grad)
     total = sum(p.numel() for p in vit.parameters())
-    assert line.count("\n") == 0 and line == svpt.summary(vit)
+    assert len(lines) == 1 and lines[0] == svpt.summary(vit)
+    line = lines[0]
     assert line.startswith("svpt: svpt (M=4") and f"{trainable:,} trainable / {total:,} parameters" in line
 
 

@@ -41,7 +41,7 @@ def test_declarations_name_implemented_ops(name):
     missing = [op for op in declared if not callable(getattr(module, op, None))]
     assert not missing, f"{name} declares but lacks {missing}"
     for spec in (supports or {}).values():
-        assert set(spec) <= {"devices", "dtypes", "limits"} and set(spec["dtypes"]) <= set(opcheck.DTYPES.values())
+        assert set(spec) <= {"devices", "dtypes", "limits", "jit_trace"} and set(spec["dtypes"]) <= set(opcheck.DTYPES.values())
     for op, rules in getattr(module, "PREFER", {}).items():
         for rule in rules:
             provider = backends._REGISTRY[rule["use"]].load()  # noqa: SLF001

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -226,8 +225,7 @@ def build_model(cfg: SegmentationConfig, values: dict, num_classes: int, device:
     if cfg.weights:
         timm_backbone.load_weights(net, cfg.weights, name)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # svpt.prompt prints its summary; it is logged here
-            prompt(net, cfg.method, cfg.num_prompts, num_classes=0, **cfg.options)
+        prompt(net, cfg.method, cfg.num_prompts, num_classes=0, **cfg.options)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"svpt.prompt: {exc}") from None
     log.info(summary(net))

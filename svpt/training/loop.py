@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import json
 import math
 import os
@@ -22,6 +21,7 @@ from ..checkpoint import (atomic_write, backbone_identity, load_prompt_state_dic
                           read_prompt_metadata, save_prompts_with_run)
 from ..data import Augmenter, open_data
 from ..fused import apply as apply_prompts
+from ..prompting import summary
 from . import backbone
 from .batches import (EvalBatches, ResidentImages, TrainBatches, default_workers, describe as describe_batches,
                       memory_budget, shard)
@@ -72,7 +72,7 @@ def build_model(model: str | None, model_kwargs: dict, weights: str | None, img_
                 ctx: Dist, seed: int, cache: BackboneCache | None = None) -> Built:
     """The timm backbone (weights loaded), prompted, on this process's device. Without
     weights the backbone is timm's random init drawn from ``seed``; the prompts are drawn
-    from ``seed`` too, after it. svpt.prompt's summary is printed by the main process only."""
+    from ``seed`` too, after it. svpt.summary's line is printed by the main process only."""
     try:
         backends.set_backend(backend)  # an unusable backend is a usage error, said before any work
     except RuntimeError as exc:
@@ -92,9 +92,9 @@ def build_model(model: str | None, model_kwargs: dict, weights: str | None, img_
         print(f"note: no --weights, so {name} keeps timm's random init (pretrained=False); "
               "give --weights PATH for a pretrained backbone")
     torch.manual_seed(seed)  # the prompt init, the same whether the backbone was built or copied
-    quiet = contextlib.nullcontext() if ctx.main else contextlib.redirect_stdout(io.StringIO())
-    with quiet:
-        apply_prompts(net, method, num_prompts, num_classes=num_classes, backend=backend, **options)
+    apply_prompts(net, method, num_prompts, num_classes=num_classes, backend=backend, **options)
+    if ctx.main:
+        print(summary(net))
     return Built(net, name, kwargs, img_size or backbone.default_img_size(net))
 
 

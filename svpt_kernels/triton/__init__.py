@@ -29,9 +29,12 @@ _DTYPES = (torch.float32, torch.float16) if _common.INTERPRET else _common.KERNE
 _ALL = {"devices": _DEVICES, "dtypes": _DTYPES}
 _ATTENTION = {**_ALL, "limits": {"head_dim": 256}}  # head dims padded to a power of two in registers
 # What the kernels compute themselves; float64 (and the sizes past a limit) go to the reference.
+# The in-place ops are autograd.Functions that mark their buffer dirty, which torch.jit.trace
+# cannot record: while it traces, svpt.backends hands them to the reference.
+_IN_PLACE = {**_ALL, "jit_trace": False}
 SUPPORTS = {
-    "da_mix": _ALL,
-    "ae_update": _ALL,
+    "da_mix": _IN_PLACE,
+    "ae_update": _IN_PLACE,
     "attention_saliency": _ATTENTION,
     "prompt_attention": _ATTENTION,
     "prompt_kv_attention": _ATTENTION,
