@@ -18,8 +18,10 @@ What is checked (metadata only: no values are read, so nothing waits for a GPU):
 * shapes: ranks, matching sizes, ``num_prefix + M <= T``, ``k`` in ``1..N``, saliency rows and
   columns within the sequence.
 
-Strides are not restricted: every backend accepts any strides (the kernel launchers make
-copies where a kernel needs unit strides). Values are not checked either: non-finite inputs
+Strides are not restricted, except that the buffer an op writes in place (``da_mix``'s tokens,
+``ae_update``'s h) needs a unit stride along its last dimension, whatever the backend: the
+kernels write its rows where they lie, and a copy would not be in place. Every other tensor may
+have any strides (the kernel launchers make copies where a kernel needs unit strides). Values are not checked either: non-finite inputs
 propagate (docs/method.md, "Numerical contract").
 """
 from __future__ import annotations
@@ -129,11 +131,18 @@ def _common(op: str, named: Sequence[tuple[str, object]]) -> list[tuple[str, tor
 
 
 # ---------------------------------------------------------------- the ops
+def _written_in_place(op: str, name: str, t: torch.Tensor) -> None:
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        raise ValueError(f"svpt.ops.{op}: {name} is written in place, so its last dimension must be contiguous "
+                         f"(stride 1); got strides {tuple(t.stride())}; pass {name}.contiguous() and use the result")
+
+
 def check_da_mix(tokens, prompts, weight, bias, num_prefix) -> None:
     op = "da_mix"
     _common(op, [("tokens", tokens), ("prompts", prompts), ("weight", weight), ("bias", bias)])
     if tokens.dim() != 3:
         raise ValueError(f"svpt.ops.{op}: tokens has shape {_shape(tokens)}; expected [B, T, d]")
+    _written_in_place(op, "tokens", tokens)
     batch, length, width = tokens.shape
     if prompts.dim() != 3 or prompts.shape[0] not in (1, batch) or prompts.shape[2] != width or prompts.shape[1] < 1:
         raise ValueError(f"svpt.ops.{op}: prompts has shape {_shape(prompts)}; expected [1 or B={batch}, M >= 1, "
@@ -192,6 +201,7 @@ def check_ae_update(h, saliency, scale, num_prefix, num_prompts, k) -> None:
     _common(op, [("h", h), ("saliency", saliency), ("scale", scale)])
     if h.dim() != 3:
         raise ValueError(f"svpt.ops.{op}: h has shape {_shape(h)}; expected [B, T, d]")
+    _written_in_place(op, "h", h)
     _scalar_tensor(op, "scale", scale)
     batch, length, _ = h.shape
     _int(op, "num_prompts", num_prompts, 1)

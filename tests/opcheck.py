@@ -54,8 +54,7 @@ def interpreted(backend: str, device: str) -> bool:
     return backend == "triton" and device == "cpu"
 
 
-def own_cases(op: str, dtypes: tuple[torch.dtype, ...] | None = None, skip_reference: bool = True,
-              long: bool = False) -> list:
+def own_cases(op: str, dtypes: tuple[torch.dtype, ...] | None = None, long: bool = False) -> list:
     """``pytest.param(backend, device, dtype)`` for every case a backend computes itself; without
     eager's float64 on CPU (the reference itself: each op module checks it against its definition);
     ``long``: only those fast enough for ViT-sized sequences (not the Triton interpreter)."""
@@ -64,13 +63,21 @@ def own_cases(op: str, dtypes: tuple[torch.dtype, ...] | None = None, skip_refer
         dtype = DTYPES[row["dtype"]]
         if row["runs"] != row["backend"] or (dtypes is not None and dtype not in dtypes):
             continue
-        if skip_reference and (row["backend"], row["device"], dtype) == ("eager", "cpu", torch.float64):
+        if (row["backend"], row["device"], dtype) == ("eager", "cpu", torch.float64):
             continue
         if long and interpreted(row["backend"], row["device"]):
             continue
         cases.append(pytest.param(row["backend"], row["device"], dtype,
                                   id=f"{row['backend']}-{row['device']}-{row['dtype']}"))
     return cases
+
+
+def value_cases(op: str, shapes, long_shapes=()) -> list:
+    """``pytest.param(backend, device, dtype, shape)``: every own case of ``op`` (:func:`own_cases`)
+    at each of ``shapes``, and those fast enough at each of ``long_shapes``."""
+    return [pytest.param(*case.values, shape, id=f"{case.id}-{shape}")
+            for names, long in ((shapes, False), (long_shapes, True)) for case in own_cases(op, long=long)
+            for shape in names]
 
 
 def handed_over(op: str) -> list:

@@ -141,15 +141,11 @@ BAD_INPUTS = [
     ("folded_cross_attention", 2, lambda t: t[:1], ValueError, ["b_logits has shape (1, 3); expected [H, M]"]),
     ("folded_cross_attention", 5, lambda r: torch.zeros(2, 4, 64), ValueError, ["residual has shape (2, 4, 64)"]),
 ]
-KNOWN_BUG = pytest.mark.xfail(strict=True, reason=(
-    "svpt/checks.py promises that every backend accepts any strides, but the kernels write the in-place "
-    "buffer only with a unit last stride and refuse others, each with its own error (triton: ValueError, "
-    "cpp: RuntimeError), while eager accepts them: the check belongs at the entry, the same on every backend"))
 STRIDED_BUFFER = [  # the buffer of an in-place op with a non-unit last stride
     pytest.param("da_mix", 0, lambda t: torch.cat([t, t], -1)[..., ::2], ValueError, ["tokens", "last dimension"],
-                 marks=KNOWN_BUG, id="da_mix-strided-buffer"),
+                 id="da_mix-strided-buffer"),
     pytest.param("ae_update", 0, lambda t: torch.cat([t, t], -1)[..., ::2], ValueError, ["h", "last dimension"],
-                 marks=KNOWN_BUG, id="ae_update-strided-buffer"),
+                 id="ae_update-strided-buffer"),
 ]
 
 

@@ -134,7 +134,5 @@ class AeUpdateFunction(torch.autograd.Function):
 
 def ae_update(h, saliency, scale, num_prefix, num_prompts, k):
     """Triton ae_update; same contract as :func:`svpt.ops.ae_update` (in place on ``h``)."""
-    if h.stride(-1) != 1:
-        raise ValueError("ae_update writes h in place: its last dimension must be contiguous")
     index = saliency.detach().topk(k, dim=-1).indices.contiguous()
     return AeUpdateFunction.apply(h, index, scale.reshape(()), num_prefix, num_prompts)

@@ -156,7 +156,5 @@ class DaMixFunction(torch.autograd.Function):
 
 def da_mix(tokens, prompts, weight, bias, num_prefix):
     """Triton da_mix; same contract as :func:`svpt.ops.da_mix` (in place on ``tokens``)."""
-    if tokens.stride(-1) != 1:
-        raise ValueError("da_mix writes the token buffer in place: its last dimension must be contiguous")
     return DaMixFunction.apply(tokens, prompts.to(tokens.dtype).contiguous(), weight.contiguous(),
                                bias.reshape(()), num_prefix)

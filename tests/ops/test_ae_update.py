@@ -18,8 +18,8 @@ import torch
 from svpt import reference
 
 from numerics import rel_err
-from opcheck import (Case, check, check_hand_over, check_row_locality, check_saves_no_buffer, handed_over,
-                     own_cases, randn)
+from opcheck import (Case, check, check_hand_over, check_row_locality, check_saves_no_buffer, handed_over, own_cases,
+                     randn, value_cases)
 
 OP = "ae_update"
 # name: (batch, num_prefix, M, patches, width, k)
@@ -55,8 +55,7 @@ def selected_rows(case: Case) -> torch.Tensor:
     return rows
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("backend,device,dtype", own_cases(OP))
+@pytest.mark.parametrize("backend,device,dtype,shape", value_cases(OP, SHAPES, LONG))
 def test_matches_float64_reference(backend, device, dtype, shape):
     check(make(shape), backend, device, dtype)
 
@@ -69,12 +68,6 @@ def test_a_scale_of_another_dtype_promotes_like_the_reference(backend, device, d
     case.inputs["scale"] = case.inputs["scale"].to(scale_dtype)
     case.own_dtype = ("saliency", "scale")
     check(case, backend, device, dtype)
-
-
-@pytest.mark.parametrize("shape", LONG)
-@pytest.mark.parametrize("backend,device,dtype", own_cases(OP, long=True))
-def test_long_sequences(backend, device, dtype, shape):
-    check(make(shape), backend, device, dtype)
 
 
 @pytest.mark.parametrize("backend,device,dtype", own_cases(OP))

@@ -16,7 +16,7 @@ import torch
 from svpt import reference
 
 from opcheck import (Case, check, check_hand_over, check_sized_route, execute, handed_over, kernel_backends, own_cases,
-                     randn)
+                     randn, value_cases)
 
 OP = "attention_saliency"
 # name: (batch, num_prefix, M, patches, heads, head dim, source, key batch)
@@ -44,15 +44,8 @@ def make(name: str, seed: int = 0, head_dim: int | None = None) -> Case:
                 layouts=dict.fromkeys("qk" if key_batch == batch else "q", "padded"))  # the model's views
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("backend,device,dtype", own_cases(OP))
+@pytest.mark.parametrize("backend,device,dtype,shape", value_cases(OP, SHAPES, LONG))
 def test_matches_float64_reference(backend, device, dtype, shape):
-    check(make(shape), backend, device, dtype)
-
-
-@pytest.mark.parametrize("shape", LONG)
-@pytest.mark.parametrize("backend,device,dtype", own_cases(OP, long=True))
-def test_long_sequences(backend, device, dtype, shape):
     check(make(shape), backend, device, dtype)
 
 

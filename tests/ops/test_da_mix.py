@@ -18,7 +18,7 @@ from svpt import reference
 
 from numerics import rel_err
 from opcheck import (Case, check, check_hand_over, check_row_locality, check_saves_no_buffer, execute, handed_over,
-                     own_cases, randn)
+                     own_cases, randn, value_cases)
 
 OP = "da_mix"
 # name: (batch, num_prefix, M, patches, width, prompt batch)
@@ -45,15 +45,8 @@ def make(name: str, bias: float = 0.3, seed: int = 0, strided: bool = False) -> 
                 rows={"out": rows, "tokens": rows}, layouts={"tokens": "padded"} if strided else {})
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("backend,device,dtype", own_cases(OP))
+@pytest.mark.parametrize("backend,device,dtype,shape", value_cases(OP, SHAPES, LONG))
 def test_matches_float64_reference(backend, device, dtype, shape):
-    check(make(shape), backend, device, dtype)
-
-
-@pytest.mark.parametrize("shape", LONG)
-@pytest.mark.parametrize("backend,device,dtype", own_cases(OP, long=True))
-def test_long_sequences(backend, device, dtype, shape):
     check(make(shape), backend, device, dtype)
 
 

@@ -17,7 +17,7 @@ from svpt import reference
 
 from numerics import rel_err
 from opcheck import (Case, check, check_hand_over, check_sized_route, declared, execute, handed_over, kernel_backends,
-                     own_cases, randn)
+                     own_cases, randn, value_cases)
 
 OP = "folded_cross_attention"
 NAMES = ("x", "w_logits", "b_logits", "w_values", "bias", "residual")
@@ -48,15 +48,8 @@ def make(name: str, seed: int = 0, shape: tuple | None = None) -> Case:
                 same={"residual": "x"} if residual == "x" else {})
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("backend,device,dtype", own_cases(OP))
+@pytest.mark.parametrize("backend,device,dtype,shape", value_cases(OP, SHAPES, LONG))
 def test_matches_float64_reference(backend, device, dtype, shape):
-    check(make(shape), backend, device, dtype)
-
-
-@pytest.mark.parametrize("shape", LONG)
-@pytest.mark.parametrize("backend,device,dtype", own_cases(OP, long=True))
-def test_long_sequences(backend, device, dtype, shape):
     check(make(shape), backend, device, dtype)
 
 

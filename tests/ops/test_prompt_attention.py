@@ -16,8 +16,8 @@ import svpt.sdpa
 from svpt import reference
 
 from numerics import rel_err
-from opcheck import (DEVICES, DTYPES, Case, check, check_hand_over, check_sized_route, flash_floors, handed_over,
-                     kernel_backends, own_cases, randn)
+from opcheck import (Case, DEVICES, DTYPES, check, check_hand_over, check_sized_route, flash_floors, handed_over,
+                     kernel_backends, own_cases, randn, value_cases)
 
 OP = "prompt_attention"
 FLASH = flash_floors("q", [("k", "v")])
@@ -45,15 +45,8 @@ def make(name: str, seed: int = 0, head_dim: int | None = None) -> Case:
                 layouts=dict.fromkeys("qkv" if key_batch is None else "q", "padded"))
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("backend,device,dtype", own_cases(OP))
+@pytest.mark.parametrize("backend,device,dtype,shape", value_cases(OP, SHAPES, LONG))
 def test_matches_float64_reference(backend, device, dtype, shape):
-    check(make(shape), backend, device, dtype, floors=FLASH)
-
-
-@pytest.mark.parametrize("shape", LONG)
-@pytest.mark.parametrize("backend,device,dtype", own_cases(OP, long=True))
-def test_long_sequences(backend, device, dtype, shape):
     check(make(shape), backend, device, dtype, floors=FLASH)
 
 

@@ -17,7 +17,7 @@ from svpt import reference
 
 from numerics import rel_err
 from opcheck import (Case, check, check_hand_over, check_sized_route, declared, execute, flash_floors, handed_over,
-                     kernel_backends, own_cases, randn, rounded)
+                     kernel_backends, own_cases, randn, rounded, value_cases)
 
 OP = "prompt_kv_attention"
 FLASH = flash_floors("q", [("prompt_k", "prompt_v"), ("k", "v")])
@@ -43,15 +43,8 @@ def make(name: str, seed: int = 0, head_dim: int | None = None) -> Case:
                 layouts=dict.fromkeys("qkv", "padded"))
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("backend,device,dtype", own_cases(OP))
+@pytest.mark.parametrize("backend,device,dtype,shape", value_cases(OP, SHAPES, LONG))
 def test_matches_float64_reference(backend, device, dtype, shape):
-    check(make(shape), backend, device, dtype, floors=FLASH)
-
-
-@pytest.mark.parametrize("shape", LONG)
-@pytest.mark.parametrize("backend,device,dtype", own_cases(OP, long=True))
-def test_long_sequences(backend, device, dtype, shape):
     check(make(shape), backend, device, dtype, floors=FLASH)
 
 
