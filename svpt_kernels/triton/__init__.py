@@ -45,7 +45,11 @@ SUPPORTS = {
 # FlashAttention through SDPA): at ViT-B/16, batch 128, M=50 on an H200, cuDNN's forward and backward
 # take 4.0 ms per step (benchmarks/results/token_floor_h200_run0_profile.txt) where the Triton kernels
 # took 6.0 (forward 1.45, dQ 1.45, dK/dV 2.73, delta 0.36). Their backward may accumulate with
-# atomics, so under torch.use_deterministic_algorithms(True) the kernels run.
+# atomics, so under torch.use_deterministic_algorithms(True) the kernels run. prompt_kv_attention
+# stays here: SDPA over the concatenated [prompt; token] keys (svpt.sdpa) was measured slower not
+# compiled (37.06 vs 34.01 ms per VPT-deep M=50 step, ViT-B/16, batch 128, bf16, H200), 2% faster
+# compiled (28.50 vs 29.09 ms) and 18% more memory either way (7.25 vs 6.17 GiB), since it stores
+# the prompt keys and values once per sample (benchmarks/results/token_floor_vpt_deep_kv_h200.txt).
 PREFER = {
     "prompt_attention": [{"devices": ("cuda",), "dtypes": (torch.float16, torch.bfloat16), "use": "sdpa",
                           "why": "cuDNN/FlashAttention attention is faster than the Triton kernel in 16-bit",

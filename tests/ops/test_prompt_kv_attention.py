@@ -1,5 +1,5 @@
 """prompt_kv_attention (VPT-deep's fast path: attention over [prompt keys; token keys]) on every
-backend that declares it.
+backend that declares it, and on the SDPA provider the backends may prefer.
 
 Against the float64 reference (opcheck.check): the output and all five input gradients (a batch-1
 prompt segment's summed over the batch). In 16-bit the only allowance beyond 2x eager's error is
@@ -13,10 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+import svpt.sdpa
 from svpt import reference
 
 from numerics import rel_err
-from opcheck import (Case, check, check_hand_over, check_sized_route, declared, execute, flash_floors, handed_over,
+from opcheck import (DEVICES, DTYPES, Case, check, check_hand_over, check_sized_route, declared, execute, flash_floors, handed_over,
                      kernel_backends, own_cases, randn, rounded, value_cases)
 
 OP = "prompt_kv_attention"
@@ -46,6 +47,14 @@ def make(name: str, seed: int = 0, head_dim: int | None = None) -> Case:
 @pytest.mark.parametrize("backend,device,dtype,shape", value_cases(OP, SHAPES, LONG))
 def test_matches_float64_reference(backend, device, dtype, shape):
     check(make(shape), backend, device, dtype, floors=FLASH)
+
+
+@pytest.mark.parametrize("shape", ["shared-prompts-M5-D32", "per-sample-prompts-M17-D24"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("device", DEVICES)
+def test_sdpa_provider_matches_float64_reference(device, dtype, shape):
+    """PyTorch's SDPA over the concatenated keys, which backends may name in PREFER, called directly."""
+    check(make(shape), "sdpa", device, dtype, floors=FLASH, provider=svpt.sdpa.prompt_kv_attention)
 
 
 @pytest.mark.parametrize("needed", NAMES)
