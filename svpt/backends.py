@@ -47,7 +47,7 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["Implementation", "Kernels", "OPS", "available_backends", "backend", "fast_paths",
+__all__ = ["Implementation", "Kernels", "OPS", "PRODUCT_OPS", "auto_choice", "available_backends", "backend", "fast_paths",
            "get_backend", "has_fast_path", "implementation", "kernels", "register_backend",
            "set_backend", "table", "trace"]
 
@@ -175,19 +175,27 @@ def _backend_name(device: torch.device) -> str:
             raise RuntimeError(f"svpt backend {_current!r} cannot run on {device}: {reason}; "
                                f"usable here: {available_backends(device)}")
         return _current
-    skipped = []
+    name, skipped = auto_choice(device)
+    if name is None:
+        raise RuntimeError("no svpt backend is usable: " + "; ".join(skipped))
+    if skipped and (device.type, name) not in _auto_warned:
+        _auto_warned.add((device.type, name))
+        warnings.warn(f"svpt backend 'auto' runs {name!r} on {device.type}, not the faster " + "; ".join(skipped)
+                      + " (svpt env lists what each backend needs)", RuntimeWarning, stacklevel=caller_stacklevel())
+    return name
+
+
+def auto_choice(device: torch.device | str) -> tuple[str | None, list[str]]:
+    """(the backend ``"auto"`` runs on ``device``, or None if none can; why each better backend meant
+    for that device was skipped)."""
+    device, skipped = torch.device(device), []
     for name in _auto_order():
         reason = _REGISTRY[name].why_not_auto(device)
         if reason is None:
-            if skipped and (device.type, name) not in _auto_warned:
-                _auto_warned.add((device.type, name))
-                warnings.warn(f"svpt backend 'auto' runs {name!r} on {device.type}, not the faster " + "; ".join(skipped)
-                              + " (svpt env lists what each backend needs)", RuntimeWarning,
-                              stacklevel=caller_stacklevel())
-            return name
-        if reason:  # meant for this device but unusable: worth saying once
+            return name, skipped
+        if reason:  # meant for this device but unusable: worth saying
             skipped.append(f"{name!r}: {reason}")
-    raise RuntimeError("no svpt backend is usable: " + "; ".join(skipped))
+    return None, skipped
 
 
 _LIBRARIES = ("svpt", "svpt_kernels", "timm", "torch")

@@ -66,6 +66,9 @@ def _model_kwarg(item: str) -> tuple[str, object]:
     key, sep, value = item.partition("=")
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE (e.g. drop_path_rate=0.1 global_pool=avg)")
+    if key == "img_size":  # it would be overridden by the input size the run uses
+        raise argparse.ArgumentTypeError(f"{item!r}: the input size is --img-size (segmentation: --crop-size), "
+                                         "not a model kwarg")
     try:
         return key, ast.literal_eval(value)
     except (ValueError, SyntaxError):

@@ -11,6 +11,15 @@ import torch
 from . import backends
 
 
+def _selected() -> str:
+    """The selection, and for "auto" what it runs on each device type."""
+    selected = backends.get_backend()
+    if selected != "auto":
+        return selected
+    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    return "auto (" + "; ".join(f"{d}: {backends.auto_choice(d)[0] or 'none usable'}" for d in devices) + ")"
+
+
 def _tool_version(cmd: str) -> str:
     path = shutil.which(cmd)
     if path is None:
@@ -73,7 +82,7 @@ def report() -> str:
         ("CUDA device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"),
         ("c++", _tool_version("c++")),
         ("nvcc", _tool_version("nvcc")),
-        ("selected backend", backends.get_backend()),
+        ("selected backend", _selected()),
     ]
     for name, reason in backends.describe().items():
         rows.append((f"backend {name}", "usable" if reason is None else f"not usable: {reason}"))

@@ -265,6 +265,17 @@ def test_auto_backend_computes_the_reference_function():
         torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_auto_says_what_it_runs():
+    """``auto_choice`` is what "auto" runs (and why it skipped better ones); ``svpt env`` shows it."""
+    from svpt import backends, env
+    name, skipped = backends.auto_choice("cpu")
+    assert name == next(n for n in svpt.available_backends("cpu") if n != "triton")  # never the interpreter
+    assert all(isinstance(reason, str) and reason for reason in skipped)
+    with svpt.backend("auto"):
+        assert backends.implementation("da_mix", "cpu", torch.float32).name == name
+        assert f"auto (cpu: {name}" in env.report()
+
+
 def test_env_variable_selects_and_validates_the_backend():
     code = "import svpt; print(svpt.get_backend())"
     env = dict(os.environ, SVPT_BACKEND="auto")

@@ -61,6 +61,7 @@ def one_line_error(capsys, command, *args, ran: bool = False) -> str:
     (["vtab", "root", "--device", "cuda"], "no CUDA GPU is usable here"),
     (["fgvc", "root", "--device", "tpu"], "--device 'tpu' is not accepted"),
     (["train", "--model-kwargs", "foo"], "argument --model-kwargs: 'foo' is not KEY=VALUE"),
+    (["train", "--model-kwargs", "img_size=384"], "'img_size=384': the input size is --img-size"),
     (["train", "--ae-layers", "x"], "argument --ae-layers: 'x': give 'all', 'none' or block indices"),
     (["train", "--optimizer", "lamb"], "argument --optimizer: invalid choice: 'lamb'"),
     (["train", "--task", "segmentation", "--epochs", "2", "--img-size", "64"],
