@@ -4,7 +4,7 @@
     PYTHONPATH=. python benchmarks/token_floor.py --img 512 --batch 16 --rows token-floor,plain-svpt,svpt \\
         --out benchmarks/results/token_floor_512_h200
 
-A training step is forward + backward + SGD under bf16 autocast (ViT-B/16, random init), timed
+A training step is forward + backward + SGD under bf16 autocast (ViT-B/16 or --model, random init), timed
 with CUDA events; the median of ``--iters`` steps after warm-up (compilation included in the
 warm-up), and the allocator's peak over the timed steps. Rows, each not compiled and compiled:
 the frozen backbone with no prompts (one trainable token added), the token floor (VPT-shallow
@@ -35,10 +35,13 @@ from svpt import backends  # noqa: E402
 from baselines import NoPromptFloor, PlainSVPT, TimmVPTDeep, TimmVPTShallow  # noqa: E402
 
 
+BACKBONE = {"name": "vit_base_patch16_224"}  # --model
+
+
 def vit(img: int):
     import timm
     torch.manual_seed(0)
-    return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100, img_size=img)
+    return timm.create_model(BACKBONE["name"], pretrained=False, num_classes=100, img_size=img)
 
 
 ROWS = {  # name -> (factory(img, M), svpt backend: None = --backend)
@@ -147,6 +150,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--compiled", choices=("no", "yes", "both"), default="both")
+    parser.add_argument("--model", default=BACKBONE["name"], help="timm ViT (random init)")
     parser.add_argument("--img", type=int, default=224)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--num-prompts", type=int, default=50)
@@ -156,6 +160,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.txt")
     args = parser.parse_args()
+    BACKBONE["name"] = args.model
     torch.backends.cuda.matmul.allow_tf32 = True  # bf16 autocast: fp32 leftovers as users run them
     images = torch.randn(args.batch, 3, args.img, args.img, device="cuda")
     labels = torch.randint(0, 100, (args.batch,), device="cuda")
@@ -169,7 +174,7 @@ def main() -> None:
                   f"{r['peak_gib']:6.2f} GiB" + (f"  GPU {r['gpu_ms']:.2f} ms" if args.profile else ""), flush=True)
     lines = [f"$ PYTHONPATH=. python {' '.join(sys.argv)}",
              f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {__import__('triton').__version__}, "
-             f"ViT-B/16 {args.img}px, batch {args.batch}, M={args.num_prompts} (CVPT M=10), bf16 autocast, "
+             f"{args.model} at {args.img}px, batch {args.batch}, M={args.num_prompts} (CVPT M=10), bf16 autocast, "
              f"fwd+bwd+SGD, median of {args.iters}, svpt backend {args.backend}",
              f"{'row':<14} {'mode':<9} {'ms/step':>8} {'img/s':>7} {'peak GiB':>8} {'x floor':>8} {'x no-pr':>8} {'mem x fl':>8}"]
     for r in rows:

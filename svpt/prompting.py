@@ -23,8 +23,8 @@ _CLASSIFIERS = ("head", "head_dist")  # head_dist: DeiT's distillation head
 
 
 def _vit_classes():
-    from timm.layers import Attention
-    from timm.models.vision_transformer import Block, VisionTransformer
+    # Attention lives in vision_transformer (timm 1.0.9) or timm.layers (re-exported there later)
+    from timm.models.vision_transformer import Attention, Block, VisionTransformer
     return VisionTransformer, Block, Attention
 
 
@@ -106,7 +106,8 @@ def _check_model(model: Any, method: str) -> None:
             raise TypeError(f"block {i} is {type(blk).__name__} with {type(getattr(blk, 'attn', None)).__name__}; "
                             "svpt supports timm's pre-norm Block with timm.layers.Attention "
                             "(the ViT, DeiT and DINOv2 families)")
-        if method == "cvpt" and (not isinstance(blk.attn.norm, nn.Identity) or getattr(blk.attn, "gate", None) is not None):
+        if method == "cvpt" and (not isinstance(getattr(blk.attn, "norm", nn.Identity()), nn.Identity)
+                                 or getattr(blk.attn, "gate", None) is not None):
             raise TypeError(f"block {i}'s attention normalises or gates its output before the projection; "
                             "CVPT's cross-attention (heads concatenated, then the output projection) is "
                             "defined for attention without scale_norm or gating")

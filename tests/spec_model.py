@@ -80,7 +80,7 @@ def self_attention(attn: nn.Module, x: torch.Tensor):
     """timm ``Attention`` on the (already layer-normed) input x [B, T, d].
 
     Returns (output [B, T, d], probabilities [B, H, T, T])."""
-    assert isinstance(attn.norm, nn.Identity), "scale_norm is not used by the test backbones"
+    assert isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity), "scale_norm is not used by the test backbones"
     assert getattr(attn, "gate", None) is None
     H, dh = attn.num_heads, attn.head_dim
     (Wq, bq), (Wk, bk), (Wv, bv) = _qkv_weights(attn)
@@ -101,7 +101,7 @@ def cross_attention(attn: nn.Module, x: torch.Tensor, P: torch.Tensor) -> torch.
     x: residual stream [B, T, d] (not layer-normed); P: prompts [M, d] or [B, M, d]
     (not layer-normed). q from x, k and v from P, q/k norms as in SA, softmax over the
     M prompts, heads concatenated, output projection (with bias)."""
-    assert isinstance(attn.norm, nn.Identity)
+    assert isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity)
     H, dh = attn.num_heads, attn.head_dim
     (Wq, bq), (Wk, bk), (Wv, bv) = _qkv_weights(attn)
     q = attn.q_norm(_split_heads(F.linear(x, Wq, bq), H))  # [B, H, T, dh]
