@@ -81,16 +81,18 @@ def make_block(model: torch.nn.Module, method: str, batch: int):
     """One block's forward + backward (block 1), as the method runs it: ``fn(fast)``."""
     prompter, blk = model.prompter, model.blocks[1]
     x = torch.randn(batch, model.patch_embed.num_patches + model.num_prefix_tokens, model.embed_dim)
-    with_prompts = insert_prompts(x, prompter.layer_prompts(0, 1).detach().expand(batch, -1, -1), 1)
+    kernels, rows = prompter.kernels(x, model.blocks), prompter.layer_rows()
+    with_prompts = insert_prompts(x, prompter.layer_prompts(rows, 0, 1).detach().expand(batch, -1, -1), 1)
 
     def fn(fast: bool) -> None:
         if method == "vpt-deep" and fast:
-            out = prompter.kv_only_block(1, blk, x.requires_grad_())
+            out = prompter.kv_only_block(1, blk, x.requires_grad_(), kernels, rows)
         elif method == "vpt-deep":  # the plain block sees the prompt rows
-            out = prompter.block(1, blk, with_prompts.requires_grad_())
+            out = prompter.block(1, blk, with_prompts.requires_grad_(), kernels, rows)
         else:  # CVPT folds every block's prompts once per step, then runs block 1 with them
-            folded = folded_weights(model.blocks, prompter.prompts) if fast else None
-            out = prompter.block(1, blk, x.requires_grad_(), folded=folded)
+            folded = (tuple(None if t is None else t.unbind(0) for t in folded_weights(model.blocks, prompter.prompts))
+                      if fast else None)
+            out = prompter.block(1, blk, x.requires_grad_(), kernels, rows, folded=folded)
         out.sum().backward()
     return fn
 

@@ -182,9 +182,16 @@ class PromptMethod(nn.Module):
         self.prompts = nn.Parameter(torch.empty(prompt_layers, num_prompts, width).uniform_(-bound, bound))
         self._fast_path_warned: set[str] = set()
 
-    def layer_prompts(self, layer: int, batch: int) -> torch.Tensor:
-        """``P[layer]`` as [1, M, d], or [B, M, d] with independent dropout per sample."""
-        prompts = self.prompts[layer].unsqueeze(0)
+    def layer_rows(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        """The method's per-block parameters ([L, ...] tensors) split into their blocks' rows, once
+        per forward: one unbind, whose backward is one stack, where indexing each block's row
+        would write every block's gradient into a zero [L, ...] tensor and add those up."""
+        return {"prompts": self.prompts.unbind(0)}
+
+    def layer_prompts(self, rows: dict, layer: int, batch: int) -> torch.Tensor:
+        """``P[layer]`` (from :meth:`layer_rows`) as [1, M, d], or [B, M, d] with independent
+        dropout per sample."""
+        prompts = rows["prompts"][layer].unsqueeze(0)
         if self.training and self.prompt_dropout > 0:
             prompts = F.dropout(prompts.expand(batch, -1, -1), self.prompt_dropout, training=True)
         return prompts
@@ -197,8 +204,9 @@ class PromptMethod(nn.Module):
         in that order, each in the [prefix, patches] layout (prompt rows removed): the dense
         features of :mod:`svpt.dense`.
         """
-        block = partial(self.block, kernels=self.kernels(x, blocks))
-        return self.run_blocks(block, self.enter(x), blocks, use_checkpoint, collect, self.leave)
+        rows = self.layer_rows()
+        block = partial(self.block, kernels=self.kernels(x, blocks), rows=rows)
+        return self.run_blocks(block, self.enter(x, rows), blocks, use_checkpoint, collect, self.leave)
 
     def kernels(self, x: torch.Tensor, blocks: nn.Sequential) -> Kernels:
         """The ops for this forward, resolved once (svpt.backends.kernels) for the token stream's
@@ -242,7 +250,7 @@ class PromptMethod(nn.Module):
                           "running the plain path", RuntimeWarning, stacklevel=3)
         return False
 
-    def enter(self, x: torch.Tensor) -> torch.Tensor:
+    def enter(self, x: torch.Tensor, rows: dict) -> torch.Tensor:
         return x
 
     def leave(self, x: torch.Tensor) -> torch.Tensor:

@@ -89,9 +89,10 @@ class CVPT(PromptMethod):
                 collect: Sequence[int] = ()):
         kernels = self.kernels(x, blocks)
         folded = None
-        if self.fold_applies(blocks, kernels):
-            folded = folded_weights(blocks, self.prompts[: len(blocks)])
-        return self.run_blocks(partial(self.block, kernels=kernels, folded=folded), x, blocks, use_checkpoint, collect)
+        if self.fold_applies(blocks, kernels):  # per block (unbind: see layer_rows)
+            folded = tuple(None if t is None else t.unbind(0) for t in folded_weights(blocks, self.prompts[: len(blocks)]))
+        block = partial(self.block, kernels=kernels, rows=self.layer_rows(), folded=folded)
+        return self.run_blocks(block, x, blocks, use_checkpoint, collect)
 
     def fold_applies(self, blocks: nn.Sequential, kernels: Kernels) -> bool:
         if not fold_pays(blocks[0], self.num_prompts):
@@ -99,8 +100,9 @@ class CVPT(PromptMethod):
         has_q_norm = any(not isinstance(blk.attn.q_norm, nn.Identity) for blk in blocks)
         return self.fast_path("folded_cross_attention", kernels, "the blocks have q_norm, nonlinear in x" if has_q_norm else None)
 
-    def block(self, layer: int, blk: nn.Module, x: torch.Tensor, kernels: Kernels,
-              folded: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None) -> torch.Tensor:
+    def block(self, layer: int, blk: nn.Module, x: torch.Tensor, kernels: Kernels, rows: dict,
+              folded: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...]]
+              | None = None) -> torch.Tensor:
         """Block ``layer`` with CA at ``cvpt_position``; folded (fast path) when given the
         output of :func:`folded_weights` for all blocks."""
         if folded is not None:
@@ -110,7 +112,7 @@ class CVPT(PromptMethod):
                 """``residual + CA(source, P)``."""
                 return kernels.folded_cross_attention(source, w_logits, b_logits, w_values, blk.attn.proj.bias, residual)
         else:
-            prompts = self.layer_prompts(layer, x.shape[0]).to(x.dtype)
+            prompts = self.layer_prompts(rows, layer, x.shape[0]).to(x.dtype)
 
             def ca(source: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
                 return residual + cross_attention(blk, source, prompts, kernels)

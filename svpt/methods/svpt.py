@@ -43,7 +43,15 @@ class SVPT(_VPT):
         # Saliency source rows: the class token (index 0) or the M prompt queries.
         self.saliency_rows = (0, 1) if ae_source == "cls" else (self.num_prefix, self.num_prompts)
 
-    def block(self, layer: int, blk: nn.Module, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+    def layer_rows(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        rows = super().layer_rows()
+        if self.cdc and self.depth > 1:
+            rows["da_weight"], rows["da_bias"] = self.da.weight.unbind(0), self.da.bias.unbind(0)
+        if self.ae_layers:
+            rows["ae_scale"] = self.ae.scale.unbind(0)
+        return rows
+
+    def block(self, layer: int, blk: nn.Module, x: torch.Tensor, kernels: Kernels, rows: dict) -> torch.Tensor:
         """Block ``layer`` on ``x``, whose prompt rows already hold ``P_in[layer]``; its output's
         prompt rows then become ``P_in[layer + 1]`` in place (CDC + DA). Doing the mix at the end
         of a block, not the start of the next, keeps a checkpointed block from writing its input."""
@@ -52,13 +60,13 @@ class SVPT(_VPT):
             attn_out, saliency = self_attention(blk, x, kernels, (self.saliency_rows, first_patch))
             # int(): a plain number under torch.jit.trace too, where shapes are traced tensors
             k = max(1, round(self.ae_ratio * (int(x.shape[1]) - first_patch)))
-            h = kernels.ae_update(x + attn_out, saliency, self.ae.scale[layer], self.num_prefix, self.num_prompts, k)
+            h = kernels.ae_update(x + attn_out, saliency, rows["ae_scale"][layer], self.num_prefix, self.num_prompts, k)
         else:
             h = x + self_attention(blk, x, kernels)[0]
         z = mlp_residual(blk, h)
         if layer + 1 == self.depth:
             return z
-        prompts = self.layer_prompts(layer + 1, z.shape[0])
+        prompts = self.layer_prompts(rows, layer + 1, z.shape[0])
         if self.cdc:
-            return kernels.da_mix(z, prompts, self.da.weight[layer], self.da.bias[layer], self.num_prefix)
+            return kernels.da_mix(z, prompts, rows["da_weight"][layer], rows["da_bias"][layer], self.num_prefix)
         return replace_prompts(z, prompts, self.num_prefix)

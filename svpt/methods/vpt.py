@@ -17,8 +17,8 @@ class _VPT(PromptMethod):
 
     options = {"prompt_dropout": 0.0}
 
-    def enter(self, x: torch.Tensor) -> torch.Tensor:
-        return insert_prompts(x, self.layer_prompts(0, x.shape[0]), self.num_prefix)
+    def enter(self, x: torch.Tensor, rows: dict) -> torch.Tensor:
+        return insert_prompts(x, self.layer_prompts(rows, 0, x.shape[0]), self.num_prefix)
 
     def leave(self, x: torch.Tensor) -> torch.Tensor:
         return remove_prompts(x, self.num_prefix, self.num_prompts)
@@ -32,7 +32,7 @@ class VPTShallow(_VPT):
     def __init__(self, **kwargs) -> None:
         super().__init__(prompt_layers=1, **kwargs)
 
-    def block(self, layer: int, blk: nn.Module, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+    def block(self, layer: int, blk: nn.Module, x: torch.Tensor, kernels: Kernels, rows: dict) -> torch.Tensor:
         return plain_block(blk, x, kernels)
 
 
@@ -53,16 +53,17 @@ class VPTDeep(_VPT):
                 collect: Sequence[int] = ()):
         kernels = self.kernels(x, blocks)
         if self.fast_path("prompt_kv_attention", kernels):
-            block = partial(self.kv_only_block, kernels=kernels)
+            block = partial(self.kv_only_block, kernels=kernels, rows=self.layer_rows())
             return self.run_blocks(block, x, blocks, use_checkpoint, collect)
         return super().forward(x, blocks, use_checkpoint, collect)
 
-    def block(self, layer: int, blk: nn.Module, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+    def block(self, layer: int, blk: nn.Module, x: torch.Tensor, kernels: Kernels, rows: dict) -> torch.Tensor:
         if layer > 0:
-            x = replace_prompts(x, self.layer_prompts(layer, x.shape[0]), self.num_prefix)
+            x = replace_prompts(x, self.layer_prompts(rows, layer, x.shape[0]), self.num_prefix)
         return plain_block(blk, x, kernels)
 
-    def kv_only_block(self, layer: int, blk: nn.Module, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+    def kv_only_block(self, layer: int, blk: nn.Module, x: torch.Tensor, kernels: Kernels,
+                      rows: dict) -> torch.Tensor:
         """Block ``layer`` on ``x`` = [prefix, patches]: what the plain block gives those rows."""
-        prompt_kv = prompt_keys_values(blk, self.layer_prompts(layer, 1).to(x.dtype))
+        prompt_kv = prompt_keys_values(blk, self.layer_prompts(rows, layer, 1).to(x.dtype))
         return mlp_residual(blk, x + self_attention(blk, x, kernels, prompt_kv=prompt_kv)[0])
