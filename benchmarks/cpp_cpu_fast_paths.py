@@ -81,10 +81,11 @@ def make_block(model: torch.nn.Module, method: str, batch: int):
     """One block's forward + backward (block 1), as the method runs it: ``fn(fast)``."""
     prompter, blk = model.prompter, model.blocks[1]
     x = torch.randn(batch, model.patch_embed.num_patches + model.num_prefix_tokens, model.embed_dim)
-    kernels, rows = prompter.kernels(x, model.blocks), prompter.layer_rows()
-    with_prompts = insert_prompts(x, prompter.layer_prompts(rows, 0, 1).detach().expand(batch, -1, -1), 1)
+    kernels = prompter.kernels(x, model.blocks)
+    with_prompts = insert_prompts(x, prompter.prompts[0].detach().expand(batch, -1, -1), 1)
 
     def fn(fast: bool) -> None:
+        rows = prompter.layer_rows()  # per call, as per forward: the optimizer steps the prompts in place
         if method == "vpt-deep" and fast:
             out = prompter.kv_only_block(1, blk, x.requires_grad_(), kernels, rows)
         elif method == "vpt-deep":  # the plain block sees the prompt rows
