@@ -37,9 +37,12 @@ __all__ = ["AUTO_DEVICE_TYPES", "FAST_PATHS", "PREFER", "SUPPORTS", "ae_update",
 _HALF = (torch.float16, torch.bfloat16)
 _DTYPES = (torch.float32, torch.float64, *_HALF)  # half types: float32 arithmetic on CPU
 
-# "auto" picks this backend on CPU only: its CUDA kernels have not been measured against the
-# Triton backend yet (benchmarks/cpp_cuda_step.py does that; svpt.set_backend("cpp") runs them).
-AUTO_DEVICE_TYPES = ("cpu",)
+# "auto" picks this backend on CPU, and on CUDA where Triton is unusable (it comes after Triton):
+# measured on an H200 against the Triton backend, ViT-B/16 training step, batch 128, bf16, not
+# compiled / compiled: SVPT M=50 1.07x / 1.06x, CVPT M=10 1.04x / 0.97x, VPT-deep M=50 1.26x /
+# 1.04x (benchmarks/results/cpp_cuda_step_h200*.txt); cpp SVPT 44.6 ms, eager SVPT 86.8 ms (another
+# run: token_floor_h200_eager.txt).
+AUTO_DEVICE_TYPES = ("cpu", "cuda")
 # The fast paths the methods use on this backend, per device type (svpt.backends.has_fast_path).
 # CPU: both measured faster than the plain path, training step of ViT-Tiny/16 at 224, batch 32,
 # fp32, 2 cores (median of paired steps): VPT-deep M=50 1.27x (1.58 vs 2.04 s), CVPT M=10 1.09x
@@ -47,8 +50,8 @@ AUTO_DEVICE_TYPES = ("cpu",)
 # do strictly more work (VPT-deep's runs the M prompt rows through every block, 25% more tokens at
 # M=50 on ViT-B/16; CVPT's runs the cross-attention's query and output projections per token, and
 # the fold applies only where it is cheaper, svpt.methods.cvpt.fold_pays); the Triton backend's
-# measurements of the same two paths agree (fast_path_step_h200.txt). The cpp rows are measured by
-# benchmarks/cpp_cuda_step.py.
+# measurements of the same two paths agree (fast_path_step_h200.txt); the cpp steps with them are in
+# benchmarks/results/cpp_cuda_step_h200*.txt.
 FAST_PATHS = {"cpu": ("prompt_kv_attention", "folded_cross_attention"),
               "cuda": ("prompt_kv_attention", "folded_cross_attention")}
 _ALL = {"devices": ("cpu", "cuda"), "dtypes": _DTYPES}
