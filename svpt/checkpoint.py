@@ -15,7 +15,7 @@ from safetensors.torch import save as save_safetensors
 
 from .prompting import classifier_modules, is_prompted
 
-__all__ = ["backbone_fingerprint", "backbone_identity", "check_backbone", "load_prompt_state_dict", "load_prompts",
+__all__ = ["backbone_fingerprint", "backbone_identity", "check_backbone", "check_same_prompting", "load_prompt_state_dict", "load_prompts",
            "prompt_state_dict", "read_prompt_metadata", "save_prompts", "save_prompts_with_run"]
 
 _FORMAT = "svpt-prompts-1"
@@ -63,6 +63,16 @@ def load_prompt_state_dict(model, state_dict: Mapping[str, torch.Tensor]) -> Non
     with torch.no_grad():
         for key, param in live.items():
             param.copy_(state_dict[key])
+
+
+def check_same_prompting(saved: Mapping[str, str], model, where: str, remedy: str) -> None:
+    """The method, prompt count and options that ``saved`` (a checkpoint's metadata) records are
+    ``model``'s; else a ValueError naming ``where`` the checkpoint is and ``remedy``."""
+    expected = _metadata(model)
+    for field in ("method", "num_prompts", "options"):
+        if saved.get(field) != expected[field]:
+            raise ValueError(f"{where} was saved from {field}={saved.get(field)}, this model has "
+                             f"{field}={expected[field]}; {remedy}")
 
 
 def _metadata(model) -> dict[str, str]:
@@ -116,12 +126,8 @@ def load_prompts(model, path: str | os.PathLike) -> None:
     if saved.get("format") != _FORMAT:
         raise ValueError(f"{os.fspath(path)!r} is not an svpt prompt checkpoint (no '{_FORMAT}' metadata)")
     check_backbone(saved, model, path)
-    expected = _metadata(model)
-    for field in ("method", "num_prompts", "options"):
-        if saved.get(field) != expected[field]:
-            raise ValueError(f"{os.fspath(path)!r} was saved from {field}={saved.get(field)}, this model has "
-                             f"{field}={expected[field]}; prompt the model the same way, or load the tensors "
-                             "with svpt.load_prompt_state_dict to bypass this check")
+    check_same_prompting(saved, model, repr(os.fspath(path)), "prompt the model the same way, or load the tensors "
+                         "with svpt.load_prompt_state_dict to bypass this check")
     load_prompt_state_dict(model, tensors)
 
 

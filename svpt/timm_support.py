@@ -34,8 +34,8 @@ import torch
 from torch import nn
 from timm.utils import CheckpointSaver, unwrap_model
 
-from .checkpoint import (_metadata, backbone_identity, check_backbone, load_prompt_state_dict, prompt_state_dict,
-                         read_prompt_metadata)
+from .checkpoint import (_metadata, backbone_identity, check_backbone, check_same_prompting, load_prompt_state_dict,
+                         prompt_state_dict, read_prompt_metadata)
 from .prompting import is_prompted, prompt
 
 __all__ = ["METADATA_KEY", "PromptCheckpointSaver", "inactive_regularisers", "prompt_from_checkpoint",
@@ -95,22 +95,14 @@ def is_prompt_only(state_dict: Mapping[str, Any]) -> bool:
     return "prompts" in state_dict or METADATA_KEY in state_dict
 
 
-def _check_same_prompting(saved: Mapping[str, str], model: nn.Module, where: str) -> None:
-    expected = _metadata(model)
-    for field in ("method", "num_prompts", "options"):
-        if saved.get(field) != expected[field]:
-            raise ValueError(f"{where} was saved from {field}={saved.get(field)}, this model has "
-                             f"{field}={expected[field]}; prompt the model as the checkpoint was "
-                             "(svpt.timm_support.prompt_from_checkpoint does it from the file)")
-
-
 def load_prompt_only(model: nn.Module, state_dict: Mapping[str, Any]):
     """Load a prompt-only state dict (the prompted model's ``load_state_dict`` calls this): its
     metadata, when present, must name this model's method, prompt count, options and backbone."""
     tensors = {k: v for k, v in state_dict.items() if k != METADATA_KEY}
     if METADATA_KEY in state_dict:
         saved = _decode_metadata(state_dict[METADATA_KEY])
-        _check_same_prompting(saved, model, _IN_STATE_DICT)
+        check_same_prompting(saved, model, _IN_STATE_DICT, "prompt the model as the checkpoint was "
+                             "(svpt.timm_support.prompt_from_checkpoint does it from the file)")
         check_backbone(saved, model, _IN_STATE_DICT)
     load_prompt_state_dict(model, tensors)
     return nn.modules.module._IncompatibleKeys([], [])

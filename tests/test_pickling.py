@@ -18,13 +18,7 @@ from svpt.prompting import prompted_class
 METHODS = ("svpt", "cvpt", "vpt-deep", "vpt-shallow")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: a second OpenMP thread only waits, and on a busy machine costs 100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def prompted(method: str, factory=timm.create_model, name="test_vit", **kwargs) -> torch.nn.Module:

@@ -62,13 +62,7 @@ def images(vit: str, batch: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, *INPUT_SIZE[vit], generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: a second OpenMP thread only waits, and on a busy machine costs 100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(params=BACKENDS)
