@@ -32,7 +32,7 @@ _SUITE_DEFAULTS = {"epochs": 100, "batch_size": 64, "warmup_epochs": 10.0}  # VP
 _FIELDS = ("model", "weights", "img_size", "method", "num_prompts", "backend", "data", "protocol", "train_split",
            "eval_split", "augment", "val_fraction", "limit_train", "limit_eval", "epochs", "batch_size",
            "eval_batch_size", "lr", "weight_decay", "optimizer", "momentum", "warmup_epochs", "seed", "amp", "output",
-           "workers", "threads", "device", "device_data", "stop_after_epoch", "progress")
+           "workers", "threads", "device", "device_data", "cuda_graphs", "stop_after_epoch", "progress")
 TASKS = ("classification", "segmentation")
 # svpt eval of a segmentation checkpoint: the flags that replace its run's settings, and those
 # that only such a checkpoint takes.
@@ -181,6 +181,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="decode the training images once and keep them on the training device, batched and "
                         "augmented there (auto: when they fit in 40%% of its free memory; the validation "
                         "split of tune / max-test runs too); never: a DataLoader every epoch (default %(default)s)")
+    r.add_argument("--cuda-graphs", default=_D.cuda_graphs, choices=["auto", "on", "off"],
+                   help="replay each batch size's training step from a CUDA graph, the same numbers with no "
+                        "Python per step (auto: on one CUDA process without prompt dropout; default %(default)s)")
 
 
 def _add_test_time_args(g) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -269,3 +270,71 @@ def test_two_processes_match_one(tmp_path):
         assert a["lr"] == b["lr"] and abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
     assert result(runs[1])["eval_images"] == result(runs[2])["eval_images"] == 32
     assert abs(result(runs[1])["accuracy"] - result(runs[2])["accuracy"]) < 1e-9
+
+
+# ---------------------------------------------------------------- CUDA-graph steps (run on the GPU: tests/gpu)
+def test_cuda_graphs_decision_says_why_not():
+    from svpt.training.steps import graphs_decision
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert graphs_decision("auto", cuda, False, {}) == (True, "CUDA graphs (one per batch size, captured after "
+                                                            "2 eager steps)")
+    assert graphs_decision("off", cuda, False, {}) == (False, "eager (--cuda-graphs off)")
+    assert graphs_decision("auto", cpu, False, {}) == (False, "eager (the device is cpu, not cuda)")
+    used, why = graphs_decision("auto", cuda, True, {"prompt_dropout": 0.1})
+    assert not used and why == ("eager (the run is distributed (DDP's gradient hooks run on the host); "
+                                "prompt dropout draws random numbers in the step)")
+    assert graphs_decision("auto", cuda, False, {"prompt_dropout": 0.0})[0]
+    with pytest.raises(ConfigError, match="--cuda-graphs on cannot be used here: prompt dropout draws random"):
+        graphs_decision("on", cuda, False, {"prompt_dropout": 0.1})
+
+
+def test_cuda_graphs_setting_is_checked_and_reported(tmp_path, capsys):
+    args = ["train", *TINY, "--limit-train", "16", "--limit-eval", "16", "--batch-size", "8", "--epochs", "1"]
+    code, _, err = svpt(capsys, *args, "--cuda-graphs", "on", "--output", str(tmp_path / "on"))
+    assert code == 2 and "--cuda-graphs on cannot be used here: the device is cpu, not cuda" in err
+    assert not os.path.exists(tmp_path / "on")  # refused before any work
+    code, out, _ = svpt(capsys, *args, "--output", str(tmp_path / "auto"))
+    assert code == 0 and "training steps: eager (the device is cpu, not cuda)" in out
+    assert "training steps of this process: 2 eager steps" in out
+    with open(tmp_path / "auto" / "config.json") as f:
+        assert json.load(f)["resolved"]["training_steps"] == "eager (the device is cpu, not cuda)"
+
+
+# ---------------------------------------------------------------- files written in the background
+def test_background_writer_keeps_order_and_raises_a_failed_write():
+    from svpt.training.writer import BackgroundWriter
+    writer, done = BackgroundWriter(), []
+    for i in range(5):
+        writer.submit(done.append, i)
+    writer.flush()
+    assert done == [0, 1, 2, 3, 4]
+
+    def fail():
+        raise OSError("disk full")
+    writer.submit(fail)
+    with pytest.raises(OSError, match="disk full"):
+        writer.flush()
+    writer.submit(fail)
+    with pytest.raises(OSError, match="disk full"):  # or at the next hand-over, once it has failed
+        for _ in range(1000):
+            writer.submit(done.append, None)
+            time.sleep(0.001)
+    writer.close()
+
+
+def test_resume_state_is_a_host_copy(tmp_path):
+    """resume.pt's contents are copied when the epoch ends: the steps after it change the
+    optimizer's buffers in place while the writer's thread is still pickling."""
+    from svpt.training.state import load_resume, resume_state, write_resume
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.ones(3)
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    state = resume_state(epoch=1, step=1, trainable={"p": p}, optimizer=opt, scheduler=sched, rng=[{"cpu": None}],
+                         best={"epoch": 1}, last={}, config={})
+    opt.step()  # changes p and its momentum buffer in place
+    write_resume(str(tmp_path / "resume.pt"), state)
+    saved = load_resume(str(tmp_path / "resume.pt"))
+    assert torch.equal(saved["trainable"]["p"], torch.full((3,), 0.9))
+    assert torch.equal(saved["optimizer"]["state"][0]["momentum_buffer"], torch.ones(3))

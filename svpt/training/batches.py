@@ -184,11 +184,22 @@ class EvalBatches:
 
     def __init__(self, ds: Dataset, batch: int, resident: ResidentImages | None, workers: int, ctx: Dist,
                  persistent: bool):
-        self.batch, self.resident = batch, resident
+        self.batch, self.resident, self.workers = batch, resident, workers
         self.loader = None if resident is not None else make_loader(
             ds, batch, ShardSampler(len(ds), ctx.rank, ctx.world), workers, ctx, 0, persistent)
+        self.started: Iterator[Batch] | None = None
+
+    def start(self) -> None:
+        """Let the loader's workers decode ahead, while the training runs: the next iteration
+        takes their batches. They decode at most the loader's prefetch (workers x 4 batches)
+        ahead, as during any evaluation."""
+        if self.loader is not None and self.workers > 0 and self.started is None:
+            self.started = iter(self.loader)
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.started is not None:
+            started, self.started = self.started, None
+            return started
         if self.loader is not None:
             return iter(self.loader)
         n = len(self.resident)

@@ -13,9 +13,10 @@ class ConfigError(ValueError):
 
 
 # Settings that may differ when a run is resumed: they do not change what is trained
-# (the evaluation batch size changes evaluation numbers by rounding only).
+# (the evaluation batch size changes evaluation numbers by rounding only; eager and CUDA-graph
+# steps compute the same numbers).
 RESUME_MAY_CHANGE = ("workers", "threads", "stop_after_epoch", "output", "progress", "device_data",
-                     "eval_batch_size")
+                     "eval_batch_size", "cuda_graphs")
 
 
 @dataclass
@@ -57,6 +58,8 @@ class TrainConfig:
     threads: int | None = None          # CPU intra-op threads; None: 1 for the quick-start model, else torch's
     device: str | None = None
     device_data: str = "auto"           # auto: decode once, keep on the device when it fits; always; never (DataLoader)
+    cuda_graphs: str = "auto"           # auto: replay each batch size's training step from a CUDA graph where
+                                        # it can run (one CUDA process, no prompt dropout); on; off
     stop_after_epoch: int | None = None
     progress: str = "auto"              # auto (bar on a TTY, lines otherwise), bar, lines, none
 
@@ -64,6 +67,7 @@ class TrainConfig:
         from ..data import AUGMENTATIONS
         from .batches import DEVICE_DATA
         from .protocol import PROTOCOLS
+        from .steps import CUDA_GRAPHS
 
         positive = {"num_prompts": self.num_prompts, "epochs": self.epochs, "batch_size": self.batch_size,
                     "eval_batch_size": self.eval_batch_size}
@@ -75,7 +79,8 @@ class TrainConfig:
         if self.weight_decay < 0 or self.warmup_epochs < 0:
             raise ConfigError("--weight-decay and --warmup-epochs must be >= 0")
         choices = {"optimizer": ("sgd", "adamw"), "progress": ("auto", "bar", "lines", "none"),
-                   "protocol": PROTOCOLS, "augment": AUGMENTATIONS, "device_data": DEVICE_DATA}
+                   "protocol": PROTOCOLS, "augment": AUGMENTATIONS, "device_data": DEVICE_DATA,
+                   "cuda_graphs": CUDA_GRAPHS}
         for name, accepted in choices.items():
             value = getattr(self, name)
             if value not in accepted and not (value is None and name in ("protocol", "augment")):

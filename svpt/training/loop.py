@@ -1,7 +1,6 @@
 """The training run: model, data, epochs, the protocol's evaluations, checkpoints, resume, DDP."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -30,7 +29,9 @@ from .distributed import Dist, setup, teardown
 from .progress import Progress
 from .protocol import Plan, make_plan
 from .records import RunRecords
-from .state import RESUME_FILE, load_resume, rng_state, save_resume, set_rng_state
+from .state import RESUME_FILE, load_resume, resume_state, rng_state, set_rng_state, write_resume
+from .steps import WARMUP, TrainStep, autocast, graphs_decision
+from .writer import BackgroundWriter
 
 LAST, RESULT_FILE = "prompts_last.safetensors", "result.json"
 
@@ -175,34 +176,24 @@ def _schedule(optimizer, steps_per_epoch: int, cfg: TrainConfig):
 
 
 # ---------------------------------------------------------------- one epoch
-def _autocast(ctx: Dist, amp: bool):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if amp and ctx.device.type == "cuda" \
-        else contextlib.nullcontext()
-
-
-def train_epoch(model, batches: Iterator, optimizer, scheduler, normalise, ctx: Dist, amp: bool,
+def train_epoch(model, step: TrainStep, batches: Iterator, optimizer, scheduler, ctx: Dist,
                 progress: Progress) -> dict:
     model.train()
     losses, lrs = [], []
     sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss * images, correct
     images_seen, data_wait = 0, 0.0
     start = fetch = time.perf_counter()
-    for step, (images, labels) in enumerate(batches, 1):
+    for index, (images, labels) in enumerate(batches, 1):
         data_wait += time.perf_counter() - fetch
-        x, y = normalise(images), labels.to(ctx.device, non_blocking=True)
-        with _autocast(ctx, amp):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        y = labels.to(ctx.device, non_blocking=True)
+        loss, logits = step(images, y)
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-        loss = loss.detach()
         losses.append(loss)
         sums += torch.stack([loss.double() * len(y), (logits.argmax(-1) == y).sum().double()])
         images_seen += len(y) * ctx.world  # every process reads batches of the same size
-        progress.update(step, images_seen, loss.item)
+        progress.update(index, images_seen, loss.item)
         fetch = time.perf_counter()
     # Mean over processes of each step's local mean loss = the global batch's mean loss.
     step_losses = (ctx.sum(torch.stack(losses)) / ctx.world).tolist()
@@ -221,7 +212,7 @@ def evaluate(model, batches: Iterable, normalise, ctx: Dist, amp: bool) -> dict:
     start = time.perf_counter()
     for images, labels in batches:
         y = labels.to(ctx.device, non_blocking=True)
-        with _autocast(ctx, amp):
+        with autocast(ctx.device, amp):
             logits = model(normalise(images))
         loss = F.cross_entropy(logits.float(), y, reduction="sum")
         sums += torch.stack([loss.double(), (logits.argmax(-1) == y).sum().double()])
@@ -268,18 +259,21 @@ def train(cfg: TrainConfig, resume: bool = False, cache: BackboneCache | None = 
     ``result.json``), or, after ``stop_after_epoch``, the epoch it stopped after."""
     cfg.check()
     ctx = setup(cfg.device)
+    writer = BackgroundWriter()
     try:
-        return _train(cfg, ctx, resume, cache)
+        return _train(cfg, ctx, resume, cache, writer)
     finally:
+        writer.close()  # a run that failed still finishes the files it handed over
         teardown(ctx)
 
 
-def _train(cfg: TrainConfig, ctx: Dist, resume: bool, cache: BackboneCache | None) -> dict:
+def _train(cfg: TrainConfig, ctx: Dist, resume: bool, cache: BackboneCache | None, writer: BackgroundWriter) -> dict:
     say = print if ctx.main else (lambda *a, **k: None)
     if cfg.batch_size % ctx.world:
         raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over "
                           f"the {ctx.world} processes")
     _set_threads(cfg, ctx)
+    graphs, steps_line = graphs_decision(cfg.cuda_graphs, ctx.device, ctx.active, cfg.options)
     source = open_data(cfg.data, cfg.val_fraction)
     plan = make_plan(source, cfg.protocol, cfg.train_split, cfg.eval_split)
     for split in (plan.train_split, plan.eval_split):
@@ -305,6 +299,7 @@ def _train(cfg: TrainConfig, ctx: Dist, resume: bool, cache: BackboneCache | Non
     scheduler = _schedule(optimizer, len(data.train), cfg)
     ddp = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) \
         if ctx.active else model
+    step = TrainStep(ddp, params, normalise, ctx.device, cfg.amp, graphs)
 
     run_dir = _run_dir(cfg, ctx, resume, built.name)
     start_epoch, best, last = 0, {"eval_acc": -1.0, "epoch": 0}, {}
@@ -313,8 +308,8 @@ def _train(cfg: TrainConfig, ctx: Dist, resume: bool, cache: BackboneCache | Non
         start_epoch, best, last = _restore(os.path.join(run_dir, RESUME_FILE), model, optimizer, scheduler, ctx, cfg)
         say(f"resuming {run_dir} after epoch {start_epoch}")
     elif ctx.main:
-        _write_config(run_dir, cfg, built, source, plan, augment, data, ctx)
-    records = RunRecords(run_dir, start_epoch, f"{plan.eval_split} ({plan.protocol})") if ctx.main else None
+        _write_config(run_dir, cfg, built, source, plan, augment, data, ctx, steps_line)
+    records = RunRecords(run_dir, start_epoch, f"{plan.eval_split} ({plan.protocol})", writer) if ctx.main else None
 
     say(f"training {len(params)} tensors ({sum(p.numel() for p in params):,} values) on {ctx.device}"
         f"{f' x {ctx.world} processes' if ctx.active else ''}; backend {backends.get_backend()} "
@@ -323,26 +318,45 @@ def _train(cfg: TrainConfig, ctx: Dist, resume: bool, cache: BackboneCache | Non
         f"{cfg.batch_size} per epoch; run directory {run_dir}")
     for line in data.lines:
         say(line)
+    say(f"training steps: {steps_line}")
+    decode_test_from = _test_decoding_epoch(cfg, plan, ctx, start_epoch)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         progress = Progress(cfg.progress if ctx.main else "none", epoch, cfg.epochs, len(data.train))
-        stats = train_epoch(ddp, data.train.epoch(epoch), optimizer, scheduler, normalise, ctx, cfg.amp, progress)
+        if epoch == decode_test_from:
+            data.evaluation.start()
+        stats = train_epoch(ddp, step, data.train.epoch(epoch), optimizer, scheduler, ctx, progress)
         if plan.evaluates_every_epoch:
             stats.update(evaluate(model, data.evaluation, normalise, ctx, cfg.amp), eval_split=plan.eval_split)
         last, best = _end_epoch(epoch, stats, best, len(data.train), run_dir, model, optimizer, scheduler,
-                                records, ctx, cfg, plan)
+                                records, writer, ctx, cfg, plan)
         say(_epoch_line(epoch, cfg.epochs, last))
         if cfg.stop_after_epoch == epoch and epoch < cfg.epochs:
+            writer.flush()
             say(f"stopped after epoch {epoch} (--stop-after-epoch); continue with: svpt train --resume {run_dir}")
             return {"run_dir": run_dir, "stopped_after_epoch": epoch, "last": last}
+    say(f"training steps of this process: {step.describe()}")
+    writer.flush()
     return _finish(plan, cfg, ctx, model, data, normalise, best, last, run_dir, records, say)
 
 
+def _test_decoding_epoch(cfg: TrainConfig, plan: Plan, ctx: Dist, start_epoch: int) -> int | None:
+    """The epoch from which a final run's test split is decoded while the training goes on (it
+    is read once, after the last epoch). On CUDA the training leaves the host's cores to the
+    loader's workers once Triton has compiled and every batch size's graph is captured (each
+    size comes once an epoch: after WARMUP + 1 epochs); on a CPU they would compete with it."""
+    reaches_end = cfg.stop_after_epoch is None or cfg.stop_after_epoch >= cfg.epochs
+    if plan.protocol != "final" or not reaches_end or ctx.device.type != "cuda":
+        return None
+    return min(start_epoch + WARMUP + 2, cfg.epochs)
+
+
 def _write_config(run_dir: str, cfg: TrainConfig, built: Built, source, plan: Plan, augment: str, data: RunData,
-                  ctx: Dist) -> None:
+                  ctx: Dist, steps_line: str) -> None:
     resolved = {"model": built.name, "model_kwargs": built.model_kwargs, "img_size": built.img_size,
                 "classes": list(source.classes), "protocol": plan.protocol, "protocol_description": plan.describe(),
                 "train_split": plan.train_split, "eval_split": plan.eval_split, "augment": augment,
                 "train_images": data.train_images, "eval_images": data.eval_images, "batches": data.lines,
+                "training_steps": steps_line,
                 **backbone_identity(built.model), "world_size": ctx.world, "device": str(ctx.device),
                 "versions": _versions()}
     atomic_write(os.path.join(run_dir, "config.json"),
@@ -363,10 +377,12 @@ def _run_metadata(plan: Plan, cfg: TrainConfig, epoch: int, selection: str) -> d
             "data": cfg.data or "builtin", "epoch": epoch, "epochs": cfg.epochs, "selection": selection}
 
 
-def _end_epoch(epoch, stats, best, steps_per_epoch, run_dir, model, optimizer, scheduler, records, ctx, cfg, plan):
+def _end_epoch(epoch, stats, best, steps_per_epoch, run_dir, model, optimizer, scheduler, records, writer, ctx, cfg,
+               plan):
     """Record the epoch's metrics and write its checkpoints (main process only): the best
     epoch's prompts when it improves, the last epoch's when the run ends or stops, resume.pt
-    every epoch and last, so an epoch whose files are not all written is replayed on resume."""
+    every epoch and last (in the writer's thread, after the metrics), so an epoch whose files
+    are not all written is replayed on resume."""
     step_losses, step_lrs = stats.pop("step_losses"), stats.pop("step_lrs")
     step = epoch * steps_per_epoch
     row = {"epoch": epoch, "step": step, "lr": step_lrs[-1], **stats}
@@ -384,8 +400,9 @@ def _end_epoch(epoch, stats, best, steps_per_epoch, run_dir, model, optimizer, s
             on_test = "; selected on the test set" if plan.protocol == "max-test" else ""
             save_prompts_with_run(model, os.path.join(run_dir, plan.best_file), _run_metadata(
                 plan, cfg, epoch, f"best {plan.eval_split} accuracy over epochs (epoch {epoch}){on_test}"))
-        save_resume(os.path.join(run_dir, RESUME_FILE), epoch=epoch, step=step, trainable=prompt_state_dict(model),
-                    optimizer=optimizer, scheduler=scheduler, rng=rng, best=best, last=row, config=cfg.to_json())
+        writer.submit(write_resume, os.path.join(run_dir, RESUME_FILE), resume_state(
+            epoch=epoch, step=step, trainable=prompt_state_dict(model), optimizer=optimizer, scheduler=scheduler,
+            rng=rng, best=best, last=row, config=cfg.to_json()))
     ctx.barrier()  # nobody runs ahead into a state the files do not describe yet
     return row, best
 

@@ -34,10 +34,11 @@ def _write_jsonl(path: str, rows: list[dict]) -> None:
 class RunRecords:
     """Appends each epoch's metrics; on resume, drops lines of epochs after the checkpoint
     (written by a run that crashed before its checkpoint), so each epoch appears once.
-    ``eval_label`` names the evaluated split and protocol in the plot."""
+    ``eval_label`` names the evaluated split and protocol in the plot. With a ``writer``
+    (training.writer), the summaries are drawn and written in its thread."""
 
-    def __init__(self, run_dir: str, keep_epochs: int, eval_label: str):
-        self.run_dir, self.eval_label = run_dir, eval_label
+    def __init__(self, run_dir: str, keep_epochs: int, eval_label: str, writer=None):
+        self.run_dir, self.eval_label, self.writer = run_dir, eval_label, writer
         self.epochs = [r for r in read_jsonl(self._path(EPOCH_FILE)) if r["epoch"] <= keep_epochs]
         self.steps = [r for r in read_jsonl(self._path(STEP_FILE)) if r["epoch"] <= keep_epochs]
         _write_jsonl(self._path(EPOCH_FILE), self.epochs)
@@ -56,21 +57,25 @@ class RunRecords:
         with open(self._path(EPOCH_FILE), "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if last or time.monotonic() - self.plotted_at >= PLOT_EVERY_S:
-            self.write_summaries()
+            self.plotted_at = time.monotonic()
+            if self.writer is None:
+                self.write_summaries()
+            else:  # copies of the lists: the run appends to them while the thread draws
+                self.writer.submit(self._write_summaries, list(self.epochs), list(self.steps))
 
     def write_summaries(self) -> None:
         """metrics.csv and curves.png from the epochs so far."""
-        self._write_csv()
-        plot_curves(self.epochs, self.steps, self._path(PLOT_FILE), self.eval_label)
+        self._write_summaries(self.epochs, self.steps)
         self.plotted_at = time.monotonic()
 
-    def _write_csv(self) -> None:
-        fields = list(dict.fromkeys(k for r in self.epochs for k in r))
+    def _write_summaries(self, epochs: list[dict], steps: list[dict]) -> None:
+        fields = list(dict.fromkeys(k for r in epochs for k in r))
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(self.epochs)
+        writer.writerows(epochs)
         atomic_write(self._path(CSV_FILE), out.getvalue().encode())
+        plot_curves(epochs, steps, self._path(PLOT_FILE), self.eval_label)
 
 
 def plot_curves(epochs: list[dict], steps: list[dict], path: str, eval_label: str = "eval") -> None:

@@ -8,6 +8,7 @@ temporary file and renamed, so a crash leaves the previous epoch's file intact.
 """
 from __future__ import annotations
 
+import copy
 import io
 import os
 from typing import Any
@@ -31,15 +32,33 @@ def set_rng_state(state: dict[str, torch.Tensor | None], device: torch.device) -
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_resume(path: str, *, epoch: int, step: int, trainable: dict, optimizer, scheduler,
-                rng: list[dict], best: dict, last: dict, config: dict) -> None:
-    state = {"format": _FORMAT, "epoch": epoch, "step": step,
-             "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": rng, "world_size": len(rng), "best": best, "last": last, "config": config}
+def _on_host(value):
+    """A copy with every tensor on the host: the run keeps changing the originals in place."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _on_host(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_host(v) for v in value)
+    return copy.deepcopy(value)
+
+
+def resume_state(*, epoch: int, step: int, trainable: dict, optimizer, scheduler, rng: list[dict], best: dict,
+                 last: dict, config: dict) -> dict[str, Any]:
+    """What ``resume.pt`` holds, as a host copy of the run's state now."""
+    return _on_host({"format": _FORMAT, "epoch": epoch, "step": step, "trainable": trainable,
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "rng": rng, "world_size": len(rng), "best": best, "last": last, "config": config})
+
+
+def write_resume(path: str, state: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write(path, buffer.getvalue())
+
+
+def save_resume(path: str, **state) -> None:
+    write_resume(path, resume_state(**state))
 
 
 def load_resume(path: str) -> dict[str, Any]:
