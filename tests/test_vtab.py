@@ -141,3 +141,39 @@ def test_train_task_option_offers_segmentation_only_when_it_exists(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["train", "--task", "segmentation"])
         assert exit_info.value.code == 2 and "invalid choice: 'segmentation'" in capsys.readouterr().err
+
+
+def test_suite_stops_when_a_failure_leaves_the_device_unusable(tmp_path, capsys, monkeypatch):
+    """A CUDA error that breaks the process's device (seen: an interrupted graph capture leaves
+    CUDA's generator unusable) would fail every later task with the same confusing error: the
+    suite says so once and stops; the same command in a new process continues."""
+    from svpt.protocols import suite
+    root = tmp_path / "vtab-1k"
+    for name in ("cifar", "dtd", "eurosat"):
+        make_vtab(str(root / name), per_split=4)
+    real_run_task = suite._run_task
+
+    def run_task(cfg, task, *rest):
+        if task == "cifar":
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        return real_run_task(cfg, task, *rest)
+
+    monkeypatch.setattr(suite, "_run_task", run_task)
+    monkeypatch.setattr(suite, "_device_broken", lambda device: "RuntimeError: Offset increment outside graph capture")
+    out = str(tmp_path / "suite")
+    args = ["vtab", str(root), *SUITE, "--output", out]
+    code, text, _ = run_cli(capsys, *args)
+    assert code == 1 and "[1/3] cifar" in text and "[2/3]" not in text
+    assert "dtd: not run" in text and "eurosat: not run" in text
+    assert ("not run: the training device was left unusable by cifar's failure (RuntimeError: Offset increment "
+            "outside graph capture); run the same command again in a new process") in text
+    rows = csv_rows(out)
+    assert [rows[t]["status"] for t in ("cifar", "dtd", "eurosat")] == ["failed"] * 3
+
+    monkeypatch.setattr(suite, "_run_task", real_run_task)  # a new process: the device works again
+    monkeypatch.setattr(suite, "_device_broken", lambda device: None)
+    code, text, err = run_cli(capsys, *args)
+    assert code == 0, err
+    rows = csv_rows(out)
+    assert [rows[t]["status"] for t in ("cifar", "dtd", "eurosat")] == ["done"] * 3
+

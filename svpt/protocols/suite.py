@@ -288,7 +288,14 @@ def run_suite(cfg: SuiteConfig, say=print) -> SuiteOutcome:
                 os.remove(os.path.join(out, task, ERROR_FILE))
         except Exception as exc:  # noqa: BLE001 - a failing task (bad image, OOM, ...) is reported, the rest go on
             failed[task] = _fail(out, task, exc, say)
-            _free_device_memory()
+            broken = _device_broken(cfg.base.device)
+            if broken:  # every later task would fail the same way
+                for rest in checked[number:]:
+                    say(f"{rest}: not run")
+                    failed[rest] = _fail(out, rest, RuntimeError(
+                        f"not run: the training device was left unusable by {task}'s failure ({broken}); run the "
+                        "same command again in a new process to continue (finished runs are kept)"), say)
+                break
         write_results(cfg, out, found, failed)  # after every task: a stopped suite still has its table
     rows, _ = write_results(cfg, out, found, failed)
     say(f"results: {os.path.join(out, 'results.md')}, {os.path.join(out, 'results.csv')}, "
@@ -375,7 +382,18 @@ def _plan_words(cfg: SuiteConfig) -> str:
     return f"{tune}{reported}, seeds {', '.join(map(str, cfg.seeds))}, {cfg.base.epochs} epochs"
 
 
-def _free_device_memory() -> None:
+def _device_broken(device: str | None) -> str | None:
+    """After a task's failure: frees its cached GPU memory and says why the training device can
+    run nothing more in this process, or None. Some CUDA errors leave the context or its random
+    number generator unusable (e.g. an interrupted graph capture: "Offset increment outside graph
+    capture"), and every later task would then fail with the same confusing error."""
     import torch
-    if torch.cuda.is_available():
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+        return None
+    try:
         torch.cuda.empty_cache()
+        torch.randn(1, device=device or "cuda")
+        torch.cuda.synchronize(device)
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the device is unusable
+        return f"{type(exc).__name__}: {exc}".strip()
+    return None
