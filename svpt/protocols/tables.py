@@ -114,13 +114,12 @@ def _csv(rows: list[TaskRow], sums: list[Summary], protocol: str) -> str:
 
 
 def _plot(rows: list[TaskRow], sums: list[Summary], groups: tuple[str, ...], title: str) -> bytes:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend to switch
+    from matplotlib.patches import Patch
 
     colours = dict(zip(groups, ("tab:green", "tab:blue", "tab:orange", "tab:purple")))
-    fig, (ax_tasks, ax_sum) = plt.subplots(1, 2, figsize=(max(8.0, 0.5 * len(rows) + 4), 4.5),
-                                           gridspec_kw={"width_ratios": [max(1, len(rows)), max(1, len(sums))]})
+    fig = Figure(figsize=(max(8.0, 0.5 * len(rows) + 4), 4.5))
+    ax_tasks, ax_sum = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(1, len(rows)), max(1, len(sums))]})
     x = range(len(rows))
     ax_tasks.bar(x, [100 * (r.mean or 0) for r in rows], yerr=[100 * (r.std or 0) for r in rows],
                  color=[colours[r.group] for r in rows], capsize=2)
@@ -128,7 +127,6 @@ def _plot(rows: list[TaskRow], sums: list[Summary], groups: tuple[str, ...], tit
         if r.mean is None:
             ax_tasks.text(i, 1, r.status, rotation=90, ha="center", va="bottom", fontsize=7)
     ax_tasks.set_xticks(list(x), [r.name for r in rows], rotation=60, ha="right", fontsize=8)
-    from matplotlib.patches import Patch
     ax_tasks.legend(handles=[Patch(color=colours[g], label=g) for g in groups], fontsize=8, loc="upper right")
     ax_tasks.set(ylabel="accuracy (%)", ylim=(0, 100), title=title)
     ax_sum.bar(range(len(sums)), [100 * (s.value or 0) for s in sums],
@@ -141,7 +139,6 @@ def _plot(rows: list[TaskRow], sums: list[Summary], groups: tuple[str, ...], tit
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
     return buffer.getvalue()
 
 

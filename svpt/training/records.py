@@ -81,11 +81,10 @@ class RunRecords:
 def plot_curves(epochs: list[dict], steps: list[dict], path: str, eval_label: str = "eval") -> None:
     """Loss (per step and per epoch, train and evaluation) and accuracy against epochs, as a
     PNG; evaluation points only for the epochs that were evaluated."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend, safe in the writer's thread
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     if steps:
         ax_loss.plot([s["epoch_float"] for s in steps], [s["loss"] for s in steps],
                      color="tab:blue", alpha=0.3, linewidth=0.8, label="train (step)")
@@ -105,5 +104,4 @@ def plot_curves(epochs: list[dict], steps: list[dict], path: str, eval_label: st
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
     atomic_write(path, buffer.getvalue())
