@@ -27,10 +27,10 @@ BACKENDS = [name for name in backends.available_backends(torch.device("cuda")) i
 TIMING = {"img_per_s", "data_wait_s", "train_s", "eval_s"}
 
 
-def _run(tmp_path, capsys, method: str, backend: str, graphs: str, protocol: str = "max-test") -> tuple[str, str]:
+def _run(tmp_path, capsys, method: str, backend: str, graphs: str, *extra: str) -> tuple[str, str]:
     out_dir = str(tmp_path / graphs)
     code = main(["train", *TINY, *RUN, "--method", method, "--num-prompts", "4", "--backend", backend,
-                 "--cuda-graphs", graphs, "--output", out_dir, "--protocol", protocol])
+                 "--cuda-graphs", graphs, "--output", out_dir, "--protocol", "max-test", *extra])
     out, err = capsys.readouterr()
     assert code == 0, err
     return out_dir, out
@@ -41,11 +41,17 @@ def _read(run_dir: str, name: str) -> list[dict]:
         return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("method", ["svpt", "vpt-deep", "cvpt", "vpt-shallow"])
-def test_graph_steps_compute_what_eager_steps_compute(tmp_path, capsys, method, backend):
-    graphed, graphed_out = _run(tmp_path, capsys, method, backend, "on")
-    eager, eager_out = _run(tmp_path, capsys, method, backend, "off")
+# Besides every method and backend on the default path (bf16 autocast, images kept on the GPU):
+# full fp32, and batches from a DataLoader (pinned host memory copied into the graph's input).
+VARIANTS = {"": [], "fp32": ["--no-amp"], "loader": ["--device-data", "never", "--workers", "2"]}
+CASES = [(m, b, "") for m in ("svpt", "vpt-deep", "cvpt", "vpt-shallow") for b in BACKENDS] + \
+        [("svpt", b, v) for v in ("fp32", "loader") for b in BACKENDS]
+
+
+@pytest.mark.parametrize("method,backend,variant", CASES)
+def test_graph_steps_compute_what_eager_steps_compute(tmp_path, capsys, method, backend, variant):
+    graphed, graphed_out = _run(tmp_path, capsys, method, backend, "on", *VARIANTS[variant])
+    eager, eager_out = _run(tmp_path, capsys, method, backend, "off", *VARIANTS[variant])
     # 16 steps: per batch size 2 eager ones, then replays (3 x 4 - 2 + 4 - 2 = 12).
     assert "training steps of this process: 4 eager steps, 12 replayed from CUDA graphs (batch sizes 32, 4)" \
         in graphed_out, graphed_out
