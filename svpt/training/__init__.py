@@ -7,9 +7,10 @@
 
 Modules: ``config`` (every setting, saved as the run's config.json), ``protocol`` (tune /
 final / max-test: which splits a run reads and what it reports), ``backbone`` (timm model
-and weights files), ``batches`` (device-resident data or a DataLoader), ``loop`` (epochs,
-evaluation, DDP), ``state`` (atomic checkpoint and resume files), ``records``
-(metrics.jsonl, metrics.csv, curves.png), ``progress`` (the bar).
+and weights files), ``batches`` (device-resident data or a DataLoader), ``steps`` (the training
+step, eager or replayed from a CUDA graph), ``loop`` (epochs, evaluation, DDP), ``state``
+(atomic checkpoint and resume files), ``writer`` (those files written in a background thread),
+``records`` (metrics.jsonl, metrics.csv, curves.png), ``progress`` (the bar).
 """
 from .config import ConfigError, TrainConfig
 from .loop import BackboneCache, evaluate_prompts, train
