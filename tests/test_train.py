@@ -338,3 +338,24 @@ def test_resume_state_is_a_host_copy(tmp_path):
     saved = load_resume(str(tmp_path / "resume.pt"))
     assert torch.equal(saved["trainable"]["p"], torch.full((3,), 0.9))
     assert torch.equal(saved["optimizer"]["state"][0]["momentum_buffer"], torch.ones(3))
+
+
+def test_test_split_decoding_starts_after_the_graphs_are_captured():
+    """A final run on CUDA decodes its test split during the training, from the first epoch in
+    which every batch size's graph is captured; not on a CPU, not in runs that stop early or
+    evaluate every epoch."""
+    from types import SimpleNamespace
+
+    from svpt.training.config import TrainConfig
+    from svpt.training.loop import _test_decoding_epoch
+    from svpt.training.steps import WARMUP
+    cuda, cpu = SimpleNamespace(device=torch.device("cuda")), SimpleNamespace(device=torch.device("cpu"))
+    final, tune = SimpleNamespace(protocol="final"), SimpleNamespace(protocol="tune")
+    cfg = TrainConfig(epochs=100)
+    assert _test_decoding_epoch(cfg, final, cuda, 0) == WARMUP + 2 == 4
+    assert _test_decoding_epoch(cfg, final, cuda, 50) == 54  # resumed: the graphs are captured again
+    assert _test_decoding_epoch(TrainConfig(epochs=2), final, cuda, 0) == 2
+    assert _test_decoding_epoch(TrainConfig(epochs=100, stop_after_epoch=200), final, cuda, 0) == 4
+    assert _test_decoding_epoch(TrainConfig(epochs=100, stop_after_epoch=10), final, cuda, 0) is None
+    assert _test_decoding_epoch(cfg, tune, cuda, 0) is None
+    assert _test_decoding_epoch(cfg, final, cpu, 0) is None

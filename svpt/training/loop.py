@@ -323,6 +323,7 @@ def _train(cfg: TrainConfig, ctx: Dist, resume: bool, cache: BackboneCache | Non
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         progress = Progress(cfg.progress if ctx.main else "none", epoch, cfg.epochs, len(data.train))
         if epoch == decode_test_from:
+            writer.flush()  # its thread idle: the loader forks its workers now
             data.evaluation.start()
         stats = train_epoch(ddp, step, data.train.epoch(epoch), optimizer, scheduler, ctx, progress)
         if plan.evaluates_every_epoch:
