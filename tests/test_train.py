@@ -320,6 +320,11 @@ def test_background_writer_keeps_order_and_raises_a_failed_write():
             writer.submit(done.append, None)
             time.sleep(0.001)
     writer.close()
+    inline = BackgroundWriter(threaded=False)  # on a CPU: written at once, in the run's thread
+    inline.submit(done.append, "now")
+    assert done[-1] == "now"
+    with pytest.raises(OSError, match="disk full"):
+        inline.submit(fail)
 
 
 def test_resume_state_is_a_host_copy(tmp_path):

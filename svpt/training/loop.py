@@ -259,7 +259,7 @@ def train(cfg: TrainConfig, resume: bool = False, cache: BackboneCache | None = 
     ``result.json``), or, after ``stop_after_epoch``, the epoch it stopped after."""
     cfg.check()
     ctx = setup(cfg.device)
-    writer = BackgroundWriter()
+    writer = BackgroundWriter(threaded=ctx.device.type == "cuda")
     try:
         return _train(cfg, ctx, resume, cache, writer)
     finally:

@@ -6,7 +6,9 @@ At the end of an epoch the host writes ``resume.pt`` (two fsyncs) and, at most o
 to one thread that does them in order while the next epoch trains; what it writes is a host
 copy taken at the end of the epoch, so later steps cannot change it. A write that fails raises
 in the run at its next hand-over or at ``flush()``, which the run calls before it reports a
-result or stops; every file is still written atomically, so a crash leaves the previous one.
+result or stops; every file is still written atomically, so a crash leaves the previous one
+(a run killed just after an epoch may therefore replay that epoch too). On a CPU, where the
+host is the one training, the writes stay in the run's own thread (``threaded=False``).
 """
 from __future__ import annotations
 
@@ -15,11 +17,15 @@ from typing import Callable
 
 
 class BackgroundWriter:
-    def __init__(self):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="svpt-writer")  # one thread: in order
+    def __init__(self, threaded: bool = True):
+        # One thread: the files are written in the order they were handed over.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="svpt-writer") if threaded else None
         self._pending: list[Future] = []
 
     def submit(self, write: Callable, *args) -> None:
+        if self._pool is None:
+            write(*args)
+            return
         self._raise_failed()
         self._pending.append(self._pool.submit(write, *args))
 
@@ -36,4 +42,5 @@ class BackgroundWriter:
             f.result()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
