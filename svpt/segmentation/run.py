@@ -14,7 +14,6 @@ CUDA), evaluation is sharded and its confusion matrices summed; rank 0 writes th
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -38,6 +37,7 @@ from ..training.config import ConfigError, TrainConfig
 from ..training.config import read_run_config as read_config_json
 from ..training.records import read_jsonl
 from ..training.state import RESUME_FILE, load_resume, rng_state, save_resume, set_rng_state
+from ..training.steps import autocast
 from .data import BUILTIN_SIZE, open_split
 from .decoders import DECODERS
 from .inference import MULTI_SCALE_RATIOS, ConfusionMatrix, TestPipeline
@@ -208,9 +208,8 @@ def _process(device: str | None) -> _Process:
 
 
 def _autocast(proc: _Process, amp: bool):
-    if amp and proc.device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
+    """A factory of the run's autocast context (training.steps.autocast: bf16 on CUDA)."""
+    return partial(autocast, proc.device, amp)
 
 
 # ---------------------------------------------------------------- model
