@@ -95,6 +95,14 @@ class _Entry:
 _REGISTRY: dict[str, _Entry] = {}
 
 
+def preload() -> None:
+    """Import every registered backend module now; one that fails to import is unusable, with
+    that reason. Prompting a model (and unpickling one) calls this, so no forward imports a
+    backend: inside a torch.compile'd forward an import is a graph break the compiled model keeps."""
+    for entry in _REGISTRY.values():
+        entry.load()
+
+
 def register_backend(name: str, module_path: str, description: str, selectable: bool = True) -> None:
     """Register the module at ``module_path`` (imported lazily) as backend or provider ``name``."""
     _REGISTRY[name] = _Entry(name, module_path, description, selectable)
@@ -339,7 +347,11 @@ def kernels(device: torch.device, dtype: torch.dtype, **sizes: int) -> Kernels:
            torch.are_deterministic_algorithms_enabled(), torch.jit.is_tracing())
     found = _KERNELS.get(key)
     if found is None:
-        found = _KERNELS[key] = Kernels(device, dtype, product, sizes)
+        found = Kernels(device, dtype, product, sizes)
+        # Not cached while torch.compile traces: the compiled forward's guards would see the
+        # cache changed on the next call and compile the model a second time.
+        if not torch.compiler.is_compiling():
+            _KERNELS[key] = found
     return found
 
 

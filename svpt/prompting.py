@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .backends import caller_stacklevel
+from .backends import caller_stacklevel, preload
 from .checks import check_model_input
 from .methods import METHODS, PromptMethod
 
@@ -204,8 +204,10 @@ _PROMPTED_CLASSES: dict[type, type] = {}
 
 
 def prompted_class(cls: type) -> type:
-    """The prompted class of timm class ``cls`` (made once per process)."""
+    """The prompted class of timm class ``cls`` (made once per process, with the backends
+    imported: see svpt.backends.preload)."""
     if cls not in _PROMPTED_CLASSES:
+        preload()
         name = f"Prompted{cls.__name__}"
         _PROMPTED_CLASSES[cls] = PromptedClass(name, (PromptedViTMixin, cls),
                                                {"__module__": __name__, "__qualname__": name})

@@ -61,3 +61,33 @@ def test_fused_apply_selects_the_backend(backend):
         assert any(impl == backend for _, impl in log), log
     finally:
         svpt.set_backend(previous)
+
+
+FIRST_CALL_COMPILED = """
+import sys, torch, svpt
+sys.path.insert(0, {tests!r})
+from backbones import BACKBONES, make_images
+torch._dynamo.config.error_on_recompile = True
+svpt.set_backend({backend!r})
+for method in ("svpt", "vpt-deep", "cvpt"):
+    model = svpt.prompt(BACKBONES["vit"](depth=2, img_size=24), method, 3)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    for seed in (1, 2):
+        compiled(make_images(2, 24, seed=seed))
+    torch._dynamo.reset()  # the next model runs the same timm forward: a new compilation, not a recompile
+print("one graph each")
+"""
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_first_call_compiled_in_a_fresh_process(backend):
+    """The common script: compile a freshly prompted model and call it. Its first forward is the
+    traced one, so nothing in it may import a backend (a graph break the compiled model keeps) or
+    fill a cache the guards read (a second compilation on the next call)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = FIRST_CALL_COMPILED.format(tests=str(Path(__file__).parent), backend=backend)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "one graph each" in done.stdout, done.stderr[-3000:]

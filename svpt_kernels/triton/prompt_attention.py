@@ -236,12 +236,19 @@ def _config(d_pad: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4 if d_pad <= 64 else 8, num_stages=3)
 
 
-def _bwd_config(d_pad: int, dtype: torch.dtype) -> dict:
+def _bwd_configs(d_pad: int, dtype: torch.dtype) -> tuple[dict, dict]:
+    """Block sizes of the dK/dV and the dQ kernels. In 16-bit with head dims up to 64, dK/dV
+    loops over 128 queries at a time: at VPT-deep's ViT-B/16 shape on an H200 the backward took
+    0.484 ms against 0.554 ms with 64 (benchmarks/results/prompt_attention_configs_h200.txt; the
+    other kernels' current blocks were the best of that sweep within its noise)."""
     if _common.INTERPRET:
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+        tiny = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+        return tiny, dict(tiny)
     if dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if d_pad <= 64 else 8, num_stages=2)
+        small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+        return small, dict(small)
+    tile = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if d_pad <= 64 else 8, num_stages=2)
+    return (dict(tile, BLOCK_M=128) if d_pad <= 64 else dict(tile)), tile
 
 
 def _kv_batch_stride(t: torch.Tensor) -> int:
@@ -317,20 +324,21 @@ def attention_backward(grad_out, q, k, v, out, lse, scale, prompt_k=None, prompt
         out, grad_out, delta, heads, tq, out.stride(0), out.stride(1), out.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         D=dim, D_PAD=d_pad, BLOCK_M=block_delta, num_warps=1 if _common.INTERPRET else 4)
-    cfg = _bwd_config(d_pad, q.dtype)
+    cfg, dq_cfg = _bwd_configs(d_pad, q.dtype)
     dk, dv = _key_value_grads(q, k, v, grad_out, lse, delta, scale, cfg)
     dkp = dvp = None
     kp, vp, tp = (k, v, 0) if prompt_k is None else (prompt_k, prompt_v, prompt_k.shape[1])
     if prompt_k is not None:
         dkp, dvp = _key_value_grads(q, prompt_k, prompt_v, grad_out, lse, delta, scale, cfg)
     dq = torch.empty((batch, tq, heads, dim), dtype=q.dtype, device=q.device)
-    block_m = cfg.pop("BLOCK_M")
+    dq_cfg = dict(dq_cfg)
+    block_m = dq_cfg.pop("BLOCK_M")
     launch(_prompt_attention_bwd_dq_kernel)[(triton.cdiv(tq, block_m), batch * heads)](
         q, k, v, kp, vp, grad_out, lse, delta, dq, scale, scale * _LOG2E, heads, tq, k.shape[1], tp,
         q.stride(0), q.stride(1), q.stride(2), *_segment_args(k, v), *_segment_args(kp, vp),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        D=dim, D_PAD=d_pad, BLOCK_M=block_m, IEEE=q.dtype == torch.float32, **cfg)
+        D=dim, D_PAD=d_pad, BLOCK_M=block_m, IEEE=q.dtype == torch.float32, **dq_cfg)
     return dq, dk, dv, dkp, dvp
 
 
