@@ -104,7 +104,8 @@ def preload() -> None:
 
 
 def register_backend(name: str, module_path: str, description: str, selectable: bool = True) -> None:
-    """Register the module at ``module_path`` (imported lazily) as backend or provider ``name``."""
+    """Register the module at ``module_path`` as backend or provider ``name`` (imported when first
+    needed, or by :func:`preload`)."""
     _REGISTRY[name] = _Entry(name, module_path, description, selectable)
 
 

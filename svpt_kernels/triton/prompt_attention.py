@@ -331,7 +331,6 @@ def attention_backward(grad_out, q, k, v, out, lse, scale, prompt_k=None, prompt
     if prompt_k is not None:
         dkp, dvp = _key_value_grads(q, prompt_k, prompt_v, grad_out, lse, delta, scale, cfg)
     dq = torch.empty((batch, tq, heads, dim), dtype=q.dtype, device=q.device)
-    dq_cfg = dict(dq_cfg)
     block_m = dq_cfg.pop("BLOCK_M")
     launch(_prompt_attention_bwd_dq_kernel)[(triton.cdiv(tq, block_m), batch * heads)](
         q, k, v, kp, vp, grad_out, lse, delta, dq, scale, scale * _LOG2E, heads, tq, k.shape[1], tp,
