@@ -4,6 +4,13 @@
 #
 #     DEADLINE=560 bash benchmarks/run_gpu_record.sh OUT_DIR
 #
+# or, where one GPU is lent (kind nvidia-h200), one lane per device call, e.g. lane 1:
+#
+#     DEADLINE=560 bash benchmarks/run_gpu_record.sh OUT_DIR 1
+#
+# (the 19-task total is then the sum of the wall times in lane 2's vtab_timing_suite_part1.json and
+# lane 3's vtab_timing_suite_part2.json; this script writes it only when one OUT_DIR holds both).
+#
 # Four lanes, lane i on GPU (i mod #GPUs) and, with >= 64 cores, on its own 16 cores, so that
 # one lane's loader workers or compiler processes do not slow another lane's Python thread.
 # Lanes that share a GPU (fewer than 4 GPUs) run one after the other. Every ratio the README
@@ -18,6 +25,7 @@
 # kernels (its docstring); the segmentation step from benchmarks/segmentation_step.py.
 set -u
 export OUT=${1:?output directory}
+ONLY=${2:-}  # one lane (0-3), or all four
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 START=$(date +%s) DEADLINE=${DEADLINE:-560}
 GPUS=$(nvidia-smi -L | wc -l)
@@ -52,10 +60,14 @@ run_lane() {
     if [ "$CORES" -ge 64 ]; then pin="taskset -c $((16 * i))-$((16 * i + 15))"; fi
     CUDA_VISIBLE_DEVICES=$((i % GPUS)) $pin bash -c "lane$i" > "$OUT/lane$i.log" 2>&1
 }
-for gpu in $(seq 0 $((GPUS < 4 ? GPUS - 1 : 3))); do
-    (for i in 0 1 2 3; do if [ $((i % GPUS)) -eq "$gpu" ]; then run_lane "$i"; fi; done) &
-done
-wait
+if [ -n "$ONLY" ]; then
+    run_lane "$ONLY"
+else
+    for gpu in $(seq 0 $((GPUS < 4 ? GPUS - 1 : 3))); do
+        (for i in 0 1 2 3; do if [ $((i % GPUS)) -eq "$gpu" ]; then run_lane "$i"; fi; done) &
+    done
+    wait
+fi
 python - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
