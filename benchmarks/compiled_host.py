@@ -9,48 +9,81 @@ svpt's Triton kernels through its static CUDA launcher
     PYTHONPATH=. python benchmarks/compiled_host.py no-prompts,token-floor,svpt,cvpt,vpt-deep
     PYTHONPATH=. python benchmarks/compiled_host.py svpt,cvpt static
 """
-import statistics, sys, time
+import statistics
+import sys
+import time
+
 import torch
-sys.path[:0] = [".", "benchmarks"]
-import token_floor as tf
 from torch.profiler import ProfilerActivity, profile
 
-rows = sys.argv[1].split(",")
-static = len(sys.argv) > 2 and sys.argv[2] == "static"
-if static:
-    torch._inductor.config.static_launch_user_defined_triton_kernels = True
-torch.backends.cuda.matmul.allow_tf32 = True
-images = torch.randn(128, 3, 224, 224, device="cuda")
-labels = torch.randint(0, 100, (128,), device="cuda")
-for name in rows:
-    factory, backend = tf.ROWS[name]
-    with tf.svpt.backend(backend or "auto"):
-        model = factory(224, 50).cuda()
-        def loss_fn():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return torch.nn.functional.cross_entropy(model(images), labels)
-        torch._dynamo.reset()
-        if not static:
-            ex = torch._dynamo.explain(loss_fn)()
-            print(f"[{name}] graphs {ex.graph_count} breaks {ex.graph_break_count} ops {ex.op_count}")
-            for r in ex.break_reasons[:6]:
-                print("   break:", str(r.reason)[:200])
-            torch._dynamo.reset()
-        step = tf.make_step(model, images, labels, True)
-        for _ in range(5):
+sys.path[:0] = [".", "benchmarks"]
+import token_floor as tf  # noqa: E402
+
+BATCH, IMG, PROMPTS = 128, 224, 50
+
+
+def explain(name: str, loss_fn) -> None:
+    """Graphs and graph breaks of the first call (torch._dynamo.explain), then a clean slate."""
+    ex = torch._dynamo.explain(loss_fn)()
+    print(f"[{name}] graphs {ex.graph_count} breaks {ex.graph_break_count} ops {ex.op_count}")
+    for r in ex.break_reasons[:6]:
+        print("   break:", str(r.reason)[:200])
+    torch._dynamo.reset()
+
+
+def host_and_wall(step) -> tuple[float, float]:
+    """Median ms to enqueue one step (the call returning) and to finish it (synchronized)."""
+    enqueue, wall = [], []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        enqueue.append((t1 - t0) * 1e3)
+        wall.append((t2 - t0) * 1e3)
+    return statistics.median(enqueue), statistics.median(wall)
+
+
+def cpu_profile(step) -> str:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
             step()
         torch.cuda.synchronize()
-        enq, wall = [], []
-        for _ in range(10):
-            t0 = time.perf_counter(); step(); t1 = time.perf_counter(); torch.cuda.synchronize(); t2 = time.perf_counter()
-            enq.append((t1 - t0) * 1e3); wall.append((t2 - t0) * 1e3)
-        print(f"[{name}{' static' if static else ''}] host enqueue {statistics.median(enq):.2f} ms, wall {statistics.median(wall):.2f} ms", flush=True)
-        if not static:
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(3):
-                    step()
-                torch.cuda.synchronize()
-            t = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=70)
-            print("\n".join(t.splitlines()[:30]))
-        del model, step
-        torch.cuda.empty_cache()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=70)
+    return "\n".join(table.splitlines()[:30])
+
+
+def main() -> None:
+    rows = sys.argv[1].split(",")
+    static = len(sys.argv) > 2 and sys.argv[2] == "static"
+    if static:
+        torch._inductor.config.static_launch_user_defined_triton_kernels = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    images = torch.randn(BATCH, 3, IMG, IMG, device="cuda")
+    labels = torch.randint(0, 100, (BATCH,), device="cuda")
+    for name in rows:
+        factory, backend = tf.ROWS[name]
+        with tf.svpt.backend(backend or "auto"):
+            model = factory(IMG, PROMPTS).cuda()
+
+            def loss_fn():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    return torch.nn.functional.cross_entropy(model(images), labels)
+            torch._dynamo.reset()
+            if not static:
+                explain(name, loss_fn)
+            step = tf.make_step(model, images, labels, True)
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+            enqueue, wall = host_and_wall(step)
+            print(f"[{name}{' static' if static else ''}] host enqueue {enqueue:.2f} ms, wall {wall:.2f} ms", flush=True)
+            if not static:
+                print(cpu_profile(step))
+            del model, step
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
