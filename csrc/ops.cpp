@@ -67,7 +67,7 @@ TORCH_LIBRARY(svpt_cpp, m) {
       " Tensor? residual, bool add_x) -> Tensor");
   m.def(
       "folded_cross_attention_bwd(Tensor grad, Tensor x, Tensor w_logits, Tensor? b_logits, Tensor w_values,"
-      " bool has_bias, bool add_x) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      " bool bias_grad, bool add_x) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("has_cuda() -> bool", &has_cuda);
   m.def("build_info() -> str", &build_info);
 }

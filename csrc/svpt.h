@@ -94,7 +94,7 @@ struct BelowAutograd {
                                               const std::optional<at::Tensor>& residual, bool add_x);                  \
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> folded_cross_attention_bwd_##dev(             \
       const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w_logits,                                         \
-      const std::optional<at::Tensor>& b_logits, const at::Tensor& w_values, bool has_bias, bool add_x);
+      const std::optional<at::Tensor>& b_logits, const at::Tensor& w_values, bool bias_grad, bool add_x);
 
 SVPT_DECLARE_KERNELS(cpu)
 #ifdef SVPT_WITH_CUDA

@@ -390,14 +390,15 @@ class _FoldedCrossAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_logits, b_logits, w_values, bias, residual, add_x):
         ctx.save_for_backward(x, w_logits, b_logits, w_values)  # the backward recomputes the probabilities
-        ctx.has_bias, ctx.add_x = bias is not None, add_x
+        # In CVPT the output bias is a frozen projection's: its gradient (a sum over every row) only when asked.
+        ctx.bias_grad, ctx.add_x = bias is not None and ctx.needs_input_grad[4], add_x
         return _ops.folded_cross_attention_fwd(x, w_logits, b_logits, w_values, bias, residual, add_x)
 
     @staticmethod
     @_first_order("folded_cross_attention")
     def backward(ctx, grad):
         x, w_logits, b_logits, w_values = ctx.saved_tensors
-        grads = _ops.folded_cross_attention_bwd(grad, x, w_logits, b_logits, w_values, ctx.has_bias, ctx.add_x)
+        grads = _ops.folded_cross_attention_bwd(grad, x, w_logits, b_logits, w_values, ctx.bias_grad, ctx.add_x)
         need = ctx.needs_input_grad
         return (*(g if n else None for g, n in zip(grads, need)), grad if need[5] else None, None)
 
@@ -489,7 +490,7 @@ if _ops is not None:
         return x.new_empty(x.shape)
 
     @torch.library.register_fake("svpt_cpp::folded_cross_attention_bwd")
-    def _(grad, x, w_logits, b_logits, w_values, has_bias, add_x):
+    def _(grad, x, w_logits, b_logits, w_values, bias_grad, add_x):
         return (x.new_empty(x.shape), w_logits.new_empty(w_logits.shape),
                 x.new_empty((0,) if b_logits is None else b_logits.shape), w_values.new_empty(w_values.shape),
-                x.new_empty((x.shape[1],) if has_bias else (0,)))
+                x.new_empty((x.shape[1],) if bias_grad else (0,)))

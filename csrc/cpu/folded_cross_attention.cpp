@@ -138,7 +138,7 @@ at::Tensor folded_cross_attention_fwd_cpu(const at::Tensor& x_in, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> folded_cross_attention_bwd_cpu(
     const at::Tensor& grad, const at::Tensor& x_in, const at::Tensor& w_logits,
-    const std::optional<at::Tensor>& b_logits, const at::Tensor& w_values, bool has_bias, bool add_x) {
+    const std::optional<at::Tensor>& b_logits, const at::Tensor& w_values, bool bias_grad, bool add_x) {
   check_folded(x_in, w_logits, b_logits, w_values);
   const BelowAutograd below;  // the weight-gradient GEMMs below are ATen ops
   const at::Tensor x = cpu::rows_ready(x_in), g = cpu::rows_ready(grad.to(x.scalar_type()));
@@ -155,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> folded_cr
   at::Tensor dwl = at::mm(ds.t(), x).view(wl.sizes());
   at::Tensor dwv = at::mm(p.t(), g).view(wv.sizes());
   at::Tensor dbl = bl ? ds.sum(0).view({H, M}) : at::empty({0}, x.options());
-  at::Tensor dbias = has_bias ? g.sum(0) : at::empty({0}, x.options());
+  at::Tensor dbias = bias_grad ? g.sum(0) : at::empty({0}, x.options());
   return {dx, dwl, dbl, dwv, dbias};
 }
 

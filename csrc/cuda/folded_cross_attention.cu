@@ -95,7 +95,7 @@ at::Tensor folded_cross_attention_fwd_cuda(const at::Tensor& x, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> folded_cross_attention_bwd_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w_logits,
-    const std::optional<at::Tensor>& b_logits, const at::Tensor& w_values, bool has_bias, bool add_x) {
+    const std::optional<at::Tensor>& b_logits, const at::Tensor& w_values, bool bias_grad, bool add_x) {
   check_folded(x, w_logits, b_logits, w_values);
   const c10::cuda::CUDAGuard guard(x.device());
   const BelowAutograd below;
@@ -110,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> folded_cr
   at::Tensor dwv = at::mm(p.t(), g).view(w_values.sizes());
   const auto acc = at::toAccumulateType(x.scalar_type(), /*is_cuda=*/true);  // sums over all rows in float
   at::Tensor dbl = b_logits ? ds.sum(0, false, acc).view({H, M}).to(x.scalar_type()) : at::empty({0}, x.options());
-  at::Tensor dbias = has_bias ? grad.sum(0, false, acc).to(x.scalar_type()) : at::empty({0}, x.options());
+  at::Tensor dbias = bias_grad ? grad.sum(0, false, acc).to(x.scalar_type()) : at::empty({0}, x.options());
   return {dx, dwl, dbl, dwv, dbias};
 }
 

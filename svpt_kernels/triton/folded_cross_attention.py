@@ -186,15 +186,15 @@ def _folded_ca_op(x: torch.Tensor, w_logits: torch.Tensor, b_logits: Optional[to
     return out
 
 
-def _bwd_fake(grad, x, w_logits, b_logits, w_values, has_bias, add_x):
+def _bwd_fake(grad, x, w_logits, b_logits, w_values, bias_grad, add_x):
     return (torch.empty_like(x), torch.empty_like(w_logits),
             w_logits.new_empty(w_logits.shape[:2] if b_logits is not None else (0,), dtype=torch.float32),
-            torch.empty_like(w_values), grad.new_empty((x.shape[1],) if has_bias else (0,), dtype=torch.float32))
+            torch.empty_like(w_values), grad.new_empty((x.shape[1],) if bias_grad else (0,), dtype=torch.float32))
 
 
 @define_op("folded_cross_attention_backward", _bwd_fake)
 def _folded_ca_backward_op(grad: torch.Tensor, x: torch.Tensor, w_logits: torch.Tensor,
-                           b_logits: Optional[torch.Tensor], w_values: torch.Tensor, has_bias: bool,
+                           b_logits: Optional[torch.Tensor], w_values: torch.Tensor, bias_grad: bool,
                            add_x: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     heads, num_prompts, width = w_logits.shape
     rows = x.shape[0]
@@ -217,7 +217,7 @@ def _folded_ca_backward_op(grad: torch.Tensor, x: torch.Tensor, w_logits: torch.
     grad_w_values = (probs.t() @ gc).reshape(w_values.shape)
     grad_b_logits = (dlogits.sum(0, dtype=torch.float32).reshape(heads, num_prompts) if b_logits is not None
                      else dlogits.new_empty((0,), dtype=torch.float32))
-    grad_bias = grad.sum(0, dtype=torch.float32) if has_bias else grad.new_empty((0,), dtype=torch.float32)
+    grad_bias = grad.sum(0, dtype=torch.float32) if bias_grad else grad.new_empty((0,), dtype=torch.float32)
     return dx, grad_w_logits, grad_b_logits, grad_w_values, grad_bias
 
 
@@ -228,7 +228,8 @@ class FoldedCrossAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_logits, b_logits, w_values, bias, residual, add_x):
         ctx.save_for_backward(x, w_logits, b_logits, w_values)
-        ctx.has_bias, ctx.add_x = bias is not None, add_x
+        # In CVPT the output bias is a frozen projection's: its gradient (a sum over every row) only when asked.
+        ctx.bias_grad, ctx.add_x = bias is not None and ctx.needs_input_grad[4], add_x
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (b_logits, bias, residual))
         return _folded_ca_op(x, w_logits, b_logits, w_values, bias, residual, add_x)
 
@@ -237,7 +238,7 @@ class FoldedCrossAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, w_logits, b_logits, w_values = ctx.saved_tensors
         dx, dwl, dbl, dwv, dbias = _folded_ca_backward_op(grad, x, w_logits, b_logits, w_values,
-                                                          ctx.has_bias, ctx.add_x)
+                                                          ctx.bias_grad, ctx.add_x)
         bl_dtype, bias_dtype, res_dtype = ctx.dtypes
         need = ctx.needs_input_grad
         return (dx if need[0] else None, dwl if need[1] else None,
