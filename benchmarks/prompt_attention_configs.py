@@ -51,7 +51,7 @@ def main() -> None:
     # Through the ops' eager entry (define_op): the kernels launched directly, as in a step.
     fwd = lambda: pkv._prompt_kv_attention_op(q, k, v, pk, pv, SCALE)  # noqa: E731
     out, lse = fwd()
-    bwd = lambda: pkv._prompt_kv_attention_backward_op(grad, q, k, v, pk, pv, out, lse, SCALE)  # noqa: E731
+    bwd = lambda: pkv._prompt_kv_attention_backward_op(grad, q, k, v, pk, pv, out, lse, SCALE, True)  # noqa: E731
     expected = (out, *bwd())
 
     heads_first = lambda t: t.transpose(1, 2).detach().requires_grad_()  # noqa: E731

@@ -312,9 +312,10 @@ def _key_value_grads(q, k, v, grad_out, lse, delta, scale, cfg):
     return dk, dv
 
 
-def attention_backward(grad_out, q, k, v, out, lse, scale, prompt_k=None, prompt_v=None):
+def attention_backward(grad_out, q, k, v, out, lse, scale, prompt_k=None, prompt_v=None, token_grads=True):
     """Gradients of :func:`attention_forward`: ``(dq, dk, dv, dprompt_k, dprompt_v)``, the last
-    two ``None`` without a prompt segment."""
+    two ``None`` without a prompt segment, the first three ``None`` without ``token_grads``
+    (VPT-deep's first block: only its prompts need a gradient)."""
     batch, tq, heads, dim = q.shape
     d_pad = max(16, next_pow2(dim))
     grad_out = last_dim_contiguous(grad_out)
@@ -325,11 +326,13 @@ def attention_backward(grad_out, q, k, v, out, lse, scale, prompt_k=None, prompt
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         D=dim, D_PAD=d_pad, BLOCK_M=block_delta, num_warps=1 if _common.INTERPRET else 4)
     cfg, dq_cfg = _bwd_configs(d_pad, q.dtype)
-    dk, dv = _key_value_grads(q, k, v, grad_out, lse, delta, scale, cfg)
     dkp = dvp = None
     kp, vp, tp = (k, v, 0) if prompt_k is None else (prompt_k, prompt_v, prompt_k.shape[1])
     if prompt_k is not None:
         dkp, dvp = _key_value_grads(q, prompt_k, prompt_v, grad_out, lse, delta, scale, cfg)
+    if not token_grads:
+        return None, None, None, dkp, dvp
+    dk, dv = _key_value_grads(q, k, v, grad_out, lse, delta, scale, cfg)
     dq = torch.empty((batch, tq, heads, dim), dtype=q.dtype, device=q.device)
     block_m = dq_cfg.pop("BLOCK_M")
     launch(_prompt_attention_bwd_dq_kernel)[(triton.cdiv(tq, block_m), batch * heads)](

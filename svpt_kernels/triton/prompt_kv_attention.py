@@ -32,17 +32,24 @@ def _prompt_kv_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     return attention_forward(q, k, v, scale, prompt_k, prompt_v)
 
 
-def _bwd_fake(grad_out, q, k, v, prompt_k, prompt_v, out, lse, scale):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
-                 for t in (q, k, v, prompt_k, prompt_v))
+def _grads_like(tensors, token_grads):
+    """Gradients shaped like ``(q, k, v, prompt_k, prompt_v)``; empty for the tokens' when
+    they are not computed."""
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if i >= 3 or token_grads
+                 else t.new_empty((0,)) for i, t in enumerate(tensors))
+
+
+def _bwd_fake(grad_out, q, k, v, prompt_k, prompt_v, out, lse, scale, token_grads):
+    return _grads_like((q, k, v, prompt_k, prompt_v), token_grads)
 
 
 @define_op("prompt_kv_attention_backward", _bwd_fake)
 def _prompt_kv_attention_backward_op(
         grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         prompt_k: torch.Tensor, prompt_v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-        scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_backward(grad_out, q, k, v, out, lse, scale, prompt_k, prompt_v)
+        scale: float, token_grads: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = attention_backward(grad_out, q, k, v, out, lse, scale, prompt_k, prompt_v, token_grads)
+    return grads if token_grads else _grads_like((q, k, v), False) + grads[3:]
 
 
 class PromptKVAttentionFunction(torch.autograd.Function):
@@ -60,7 +67,8 @@ class PromptKVAttentionFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, _grad_lse):
-        grads = _prompt_kv_attention_backward_op(grad_out, *ctx.saved_tensors, ctx.scale)
+        token_grads = any(ctx.needs_input_grad[:3])  # not in VPT-deep's first block: its input is frozen
+        grads = _prompt_kv_attention_backward_op(grad_out, *ctx.saved_tensors, ctx.scale, token_grads)
         return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None)
 
 
