@@ -14,6 +14,7 @@ from torch import nn
 from .backends import caller_stacklevel, preload
 from .checks import check_model_input
 from .methods import METHODS, PromptMethod
+from .methods.base import import_timm_layers
 
 __all__ = ["is_prompted", "prompt", "summary"]
 
@@ -204,10 +205,11 @@ _PROMPTED_CLASSES: dict[type, type] = {}
 
 
 def prompted_class(cls: type) -> type:
-    """The prompted class of timm class ``cls`` (made once per process, with the backends
-    imported: see svpt.backends.preload)."""
+    """The prompted class of timm class ``cls`` (made once per process, with the backends and
+    the timm layers the blocks recognise imported, so no forward, compiled or not, imports them)."""
     if cls not in _PROMPTED_CLASSES:
         preload()
+        import_timm_layers()
         name = f"Prompted{cls.__name__}"
         _PROMPTED_CLASSES[cls] = PromptedClass(name, (PromptedViTMixin, cls),
                                                {"__module__": __name__, "__qualname__": name})

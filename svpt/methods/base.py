@@ -6,7 +6,6 @@ VPT-deep's fast path, :func:`svpt.ops.prompt_kv_attention`) so that every backen
 """
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 import weakref
@@ -36,7 +35,7 @@ def frozen(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling():
             weight, bias = _autocast_copy(weight, x.device.type), _autocast_copy(bias, x.device.type)
         return F.linear(x, weight, bias)
-    if kind in _layer_norms() and not getattr(module, "_fast_norm", False):
+    if kind in _LAYER_NORMS and not getattr(module, "_fast_norm", False):
         return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
     if kind is nn.GELU:
         return F.gelu(x, approximate=module.approximate)
@@ -68,24 +67,25 @@ def _autocast_copy(tensor: torch.Tensor | None, device_type: str) -> torch.Tenso
 
 def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """timm's ``Mlp`` through :func:`frozen`; any other MLP through its own forward."""
-    if type(mlp) is not _timm_mlp():
+    if type(mlp) is not _TIMM_MLP:
         return mlp(x)
     for layer in (mlp.fc1, mlp.act, mlp.drop1, mlp.norm, mlp.fc2, mlp.drop2):
         x = frozen(layer, x)
     return x
 
 
-@functools.lru_cache(maxsize=None)
-def _timm_mlp() -> type:
-    from timm.layers import Mlp
-    return Mlp
+# timm's Mlp and LayerNorm classes: imported when the first model is prompted (import_timm_layers),
+# not by `import svpt`, and read as plain globals, which torch.compile takes as constants.
+_TIMM_MLP: type | None = None
+_LAYER_NORMS: tuple[type, ...] = (nn.LayerNorm,)
 
 
-@functools.lru_cache(maxsize=None)
-def _layer_norms() -> tuple[type, ...]:
-    """nn.LayerNorm and timm's subclass, whose forward is F.layer_norm unless its fast-norm flag is on."""
-    from timm.layers import LayerNorm
-    return nn.LayerNorm, LayerNorm
+def import_timm_layers() -> None:
+    """Bind timm's ``Mlp`` and its ``LayerNorm`` subclass, whose forward is F.layer_norm unless
+    its fast-norm flag is on."""
+    global _TIMM_MLP, _LAYER_NORMS
+    from timm.layers import LayerNorm, Mlp
+    _TIMM_MLP, _LAYER_NORMS = Mlp, (nn.LayerNorm, LayerNorm)
 
 
 def self_attention(block: nn.Module, x: torch.Tensor, kernels: Kernels,
