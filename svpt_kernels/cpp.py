@@ -390,16 +390,17 @@ class _FoldedCrossAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_logits, b_logits, w_values, bias, residual, add_x):
         ctx.save_for_backward(x, w_logits, b_logits, w_values)  # the backward recomputes the probabilities
-        # In CVPT the output bias is a frozen projection's: its gradient (a sum over every row) only when asked.
-        ctx.bias_grad, ctx.add_x = bias is not None and ctx.needs_input_grad[4], add_x
+        ctx.has_bias, ctx.add_x = bias is not None, add_x
         return _ops.folded_cross_attention_fwd(x, w_logits, b_logits, w_values, bias, residual, add_x)
 
     @staticmethod
     @_first_order("folded_cross_attention")
     def backward(ctx, grad):
         x, w_logits, b_logits, w_values = ctx.saved_tensors
-        grads = _ops.folded_cross_attention_bwd(grad, x, w_logits, b_logits, w_values, ctx.bias_grad, ctx.add_x)
         need = ctx.needs_input_grad
+        # In CVPT the output bias is a frozen projection's: its gradient (a sum over every row) only when asked.
+        grads = _ops.folded_cross_attention_bwd(grad, x, w_logits, b_logits, w_values, ctx.has_bias and need[4],
+                                                ctx.add_x)
         return (*(g if n else None for g, n in zip(grads, need)), grad if need[5] else None, None)
 
 

@@ -228,8 +228,7 @@ class FoldedCrossAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_logits, b_logits, w_values, bias, residual, add_x):
         ctx.save_for_backward(x, w_logits, b_logits, w_values)
-        # In CVPT the output bias is a frozen projection's: its gradient (a sum over every row) only when asked.
-        ctx.bias_grad, ctx.add_x = bias is not None and ctx.needs_input_grad[4], add_x
+        ctx.has_bias, ctx.add_x = bias is not None, add_x
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (b_logits, bias, residual))
         return _folded_ca_op(x, w_logits, b_logits, w_values, bias, residual, add_x)
 
@@ -237,10 +236,11 @@ class FoldedCrossAttentionFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         x, w_logits, b_logits, w_values = ctx.saved_tensors
-        dx, dwl, dbl, dwv, dbias = _folded_ca_backward_op(grad, x, w_logits, b_logits, w_values,
-                                                          ctx.bias_grad, ctx.add_x)
-        bl_dtype, bias_dtype, res_dtype = ctx.dtypes
         need = ctx.needs_input_grad
+        # In CVPT the output bias is a frozen projection's: its gradient (a sum over every row) only when asked.
+        dx, dwl, dbl, dwv, dbias = _folded_ca_backward_op(grad, x, w_logits, b_logits, w_values,
+                                                          ctx.has_bias and need[4], ctx.add_x)
+        bl_dtype, bias_dtype, res_dtype = ctx.dtypes
         return (dx if need[0] else None, dwl if need[1] else None,
                 dbl.to(bl_dtype) if need[2] else None, dwv if need[3] else None,
                 dbias.to(bias_dtype) if need[4] else None, grad.to(res_dtype) if need[5] else None, None)
