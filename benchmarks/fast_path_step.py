@@ -73,6 +73,13 @@ def timed(fn) -> float:
     return start.elapsed_time(end)
 
 
+def median_ms(fn, iters: int) -> float:
+    """Median of ``iters`` timed calls of ``fn`` after 3 untimed ones (CUDA events, ms)."""
+    for _ in range(3):
+        fn()
+    return statistics.median(timed(fn) for _ in range(iters))
+
+
 def measure_steps(args) -> list[dict]:
     size = vit().patch_embed.img_size
     images = torch.randn(args.batch, 3, *size, device="cuda")

@@ -7,7 +7,6 @@ x (the memory floor of reading x and writing out) and the two d x d projections 
 """
 import importlib
 import itertools
-import statistics
 import sys
 from pathlib import Path
 
@@ -16,17 +15,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fast_path_step import timed  # noqa: E402
+from fast_path_step import median_ms  # noqa: E402
 
 fca = importlib.import_module("svpt_kernels.triton.folded_cross_attention")
 
 ROWS, WIDTH, HEADS, PROMPTS = 128 * 197, 768, 12, 10
-
-
-def bench(fn, iters=30) -> float:
-    for _ in range(3):
-        fn()
-    return statistics.median(timed(fn) for _ in range(iters))
 
 
 def main() -> None:
@@ -37,20 +30,20 @@ def main() -> None:
     bias = torch.randn(WIDTH, device="cuda")
     grad = torch.randn(ROWS, WIDTH, device="cuda")
     w = torch.randn(WIDTH, WIDTH, device="cuda", dtype=torch.bfloat16) / WIDTH ** 0.5
-    print(f"copy of x (fp32 read + write)      {bench(lambda: x.clone()):.3f} ms")
+    print(f"copy of x (fp32 read + write)      {median_ms(lambda: x.clone(), 30):.3f} ms")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        print(f"two d x d linears + residual (fwd) {bench(lambda: x + F.linear(F.linear(x, w), w)):.3f} ms")
+        print(f"two d x d linears + residual (fwd) {median_ms(lambda: x + F.linear(F.linear(x, w), w), 30):.3f} ms")
     default = fca._config
     fwd = lambda: fca._folded_ca_op(x, wl, bl, wv, bias, None, True)  # noqa: E731
     bwd = lambda: fca._folded_ca_backward_op(grad, x, wl, bl, wv, True, True)  # noqa: E731
-    print(f"default: fwd {bench(fwd):.3f} ms  bwd {bench(bwd):.3f} ms")
+    print(f"default: fwd {median_ms(fwd, 30):.3f} ms  bwd {median_ms(bwd, 30):.3f} ms")
     results = []
     for backward, (rows, warps, chunk, stages) in itertools.product(
             (False, True), itertools.product((16, 32, 64, 128), (4, 8), (32, 64, 128), (1, 2, 3))):
         cfg = dict(BLOCK_R=rows, BLOCK_K=chunk, BLOCK_D=chunk, num_warps=warps, num_stages=stages)
         fca._config = lambda dtype, bw, cfg=cfg, default=default: cfg if bw == backward else default(dtype, bw)
         try:
-            ms = bench(bwd if backward else fwd, iters=15)
+            ms = median_ms(bwd if backward else fwd, 15)
         except Exception as exc:  # out of shared memory / registers for this tile
             ms = float("nan")
             print(f"  {'bwd' if backward else 'fwd'} {cfg}: {type(exc).__name__}")

@@ -10,7 +10,6 @@ no-prompt 197 x 197 and over the concatenated 247 keys is printed beside it for 
 """
 import importlib
 import itertools
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fast_path_step import timed  # noqa: E402
+from fast_path_step import median_ms  # noqa: E402
 
 pa = importlib.import_module("svpt_kernels.triton.prompt_attention")
 pkv = importlib.import_module("svpt_kernels.triton.prompt_kv_attention")
@@ -29,18 +28,12 @@ BATCH, TOKENS, PROMPTS, HEADS, DIM = 128, 197, 50, 12, 64
 SCALE = DIM ** -0.5
 
 
-def bench(fn, iters=20) -> float:
-    for _ in range(3):
-        fn()
-    return statistics.median(timed(fn) for _ in range(iters))
-
-
 def sdpa_ms(q, k, v, grad) -> float:
     def step():
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             out = F.scaled_dot_product_attention(q, k, v)
         torch.autograd.grad(out, (q, k, v), grad)
-    return bench(step)
+    return median_ms(step, 20)
 
 
 def main() -> None:
@@ -62,7 +55,7 @@ def main() -> None:
     print(f"cuDNN attention fwd+bwd, 197 x 197 keys (no prompts):       {sdpa_ms(q_, k_, v_, g_):.3f} ms")
     print(f"cuDNN attention fwd+bwd, 197 x 247 keys (concatenated, no cat): {sdpa_ms(q_, k_all, v_all, g_):.3f} ms")
     fwd_cfg, bwd_cfgs = pa._config, pa._bwd_configs
-    print(f"current: fwd {bench(fwd):.3f} ms  bwd {bench(bwd):.3f} ms  "
+    print(f"current: fwd {median_ms(fwd, 20):.3f} ms  bwd {median_ms(bwd, 20):.3f} ms  "
           f"({fwd_cfg(64, torch.bfloat16)}, {bwd_cfgs(64, torch.bfloat16)})", flush=True)
     results = []
     grid = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)))
@@ -76,7 +69,7 @@ def main() -> None:
             else:
                 pa._bwd_configs = lambda d, dt, cfg=cfg: (bwd_cfgs(d, dt)[0], dict(cfg))
             try:
-                ms = bench(fwd if kernel == "fwd" else bwd, iters=10)
+                ms = median_ms(fwd if kernel == "fwd" else bwd, 10)
                 got = (fwd()[0], *bwd())
                 err = max(float((a.float() - b.float()).abs().max() / b.float().abs().max())
                           for a, b in zip(got, expected))
