@@ -4,6 +4,11 @@ shapes: rows 128*197, d 768, 12 heads, M 10, fp32 residual stream with bf16 auto
 x (the memory floor of reading x and writing out) and the two d x d projections it replaces.
 
     PYTHONPATH=. python benchmarks/fold_kernel_configs.py
+    ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section WarpStateStats -k regex:_folded_ca --launch-skip 2 --launch-count 2 \
+        python benchmarks/fold_kernel_configs.py --ncu     # the current blocks, for Nsight Compute
+
+``--ncu`` runs the current configuration's forward and backward twice each and nothing else.
 """
 import importlib
 import itertools
@@ -23,6 +28,7 @@ ROWS, WIDTH, HEADS, PROMPTS = 128 * 197, 768, 12, 10
 
 
 def main() -> None:
+    ncu = "--ncu" in sys.argv[1:]
     x = torch.randn(ROWS, WIDTH, device="cuda")
     wl = 0.05 * torch.randn(HEADS, PROMPTS, WIDTH, device="cuda", dtype=torch.bfloat16)
     wv = 0.05 * torch.randn(HEADS, PROMPTS, WIDTH, device="cuda", dtype=torch.bfloat16)
@@ -30,12 +36,17 @@ def main() -> None:
     bias = torch.randn(WIDTH, device="cuda")
     grad = torch.randn(ROWS, WIDTH, device="cuda")
     w = torch.randn(WIDTH, WIDTH, device="cuda", dtype=torch.bfloat16) / WIDTH ** 0.5
+    fwd = lambda: fca._folded_ca_op(x, wl, bl, wv, bias, None, True)  # noqa: E731
+    bwd = lambda: fca._folded_ca_backward_op(grad, x, wl, bl, wv, True, True)  # noqa: E731
+    if ncu:
+        for _ in range(2):
+            fwd(), bwd()
+        torch.cuda.synchronize()
+        return
     print(f"copy of x (fp32 read + write)      {median_ms(lambda: x.clone(), 30):.3f} ms")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         print(f"two d x d linears + residual (fwd) {median_ms(lambda: x + F.linear(F.linear(x, w), w), 30):.3f} ms")
     default = fca._config
-    fwd = lambda: fca._folded_ca_op(x, wl, bl, wv, bias, None, True)  # noqa: E731
-    bwd = lambda: fca._folded_ca_backward_op(grad, x, wl, bl, wv, True, True)  # noqa: E731
     print(f"default: fwd {median_ms(fwd, 30):.3f} ms  bwd {median_ms(bwd, 30):.3f} ms")
     results = []
     for backward, (rows, warps, chunk, stages) in itertools.product(

@@ -12,6 +12,10 @@ with the same M prompts through timm's blocks), timm VPT-deep with SDPA, a plain
 with SDPA, the research-code SVPT (svpt's eager backend: T x T probabilities), and svpt's SVPT,
 VPT-deep and CVPT on the selected backend. Ratios are taken inside
 this run. ``--profile`` adds each row's GPU kernel time per step, grouped (torch.profiler).
+Rows asked for by name only (``--rows``) change one of those: a hand-over the backend does not
+declare (HAND_OVERS: ``svpt-fusible`` hands SVPT's row-local ops to svpt.fusible while torch.compile
+traces), or drops (``cvpt-own-kernels`` runs the fused fold kernel also where the backend hands it to
+svpt.fusible under torch.compile), or Inductor options (COMPILE_OPTIONS).
 Writes OUT.json and OUT.txt.
 """
 from __future__ import annotations
@@ -54,31 +58,45 @@ ROWS = {  # name -> (factory(img, M), svpt backend: None = --backend)
     "vpt-deep": (lambda img, m: svpt.prompt(vit(img), "vpt-deep", m), None),
     "cvpt": (lambda img, m: svpt.prompt(vit(img), "cvpt", 10), None),
 }
-# A hand-over measured before any backend declares it: row -> (the row it changes, op, implementation),
-# that implementation preferred for the op in 16-bit on CUDA for the row's run.
-HAND_OVERS = {"vpt-deep-sdpa-kv": ("vpt-deep", "prompt_kv_attention", "sdpa")}
-ROWS |= {name: ROWS[base] for name, (base, _, _) in HAND_OVERS.items()}
+# Hand-overs against the backend's declarations: row -> (the row it changes, {op: implementation}), each
+# implementation preferred for its op (every dtype, on CUDA; svpt.fusible only while torch.compile traces)
+# for the row's run; None: the backend's own kernel also while torch.compile traces (its "compiling"
+# PREFER rules dropped), for the A/B of those rules.
+HAND_OVERS = {
+    "vpt-deep-sdpa-kv": ("vpt-deep", {"prompt_kv_attention": "sdpa"}),
+    "svpt-fusible": ("svpt", {"da_mix": "fusible", "ae_update": "fusible"}),
+    "cvpt-own-kernels": ("cvpt", {"folded_cross_attention": None}),
+}
+# Rows compiled with Inductor options: row -> (the row it changes, torch.compile(options=...)).
+COMPILE_OPTIONS = {
+    "svpt-static-launch": ("svpt", {"static_launch_user_defined_triton_kernels": True}),
+}
+DEFAULT_ROWS = ",".join(ROWS)
+ROWS |= {name: ROWS[base] for name, (base, _) in (HAND_OVERS | COMPILE_OPTIONS).items()}
 
 
 @contextlib.contextmanager
 def preferring(row: str):
-    """The row's hand-over (HAND_OVERS) as a PREFER rule of the selected backend, for the block."""
+    """The row's hand-overs (HAND_OVERS) as the selected backend's PREFER rules, for the block."""
     if row not in HAND_OVERS:
         yield
         return
-    _, op, use = HAND_OVERS[row]
     prefer = backends.resolve(torch.device("cuda")).PREFER
-    saved = prefer.get(op)
-    prefer[op] = [{"devices": ("cuda",), "dtypes": (torch.float16, torch.bfloat16), "use": use, "why": row}]
+    saved = {op: prefer.get(op) for op in HAND_OVERS[row][1]}
+    for op, use in HAND_OVERS[row][1].items():
+        compiling = {"compiling": True} if use == "fusible" else {}
+        prefer[op] = ([rule for rule in saved[op] or () if not rule.get("compiling")] if use is None else
+                      [{"devices": ("cuda",), "use": use, "why": row, **compiling}])
     backends._KERNELS.clear()  # noqa: SLF001 - resolved kernels are cached per configuration
     try:
         yield
     finally:
-        prefer.pop(op) if saved is None else prefer.__setitem__(op, saved)
+        for op, rules in saved.items():
+            prefer.pop(op) if rules is None else prefer.__setitem__(op, rules)
         backends._KERNELS.clear()  # noqa: SLF001
 
 
-def make_step(model, images, labels, compiled: bool):
+def make_step(model, images, labels, compiled: bool, options: dict | None = None):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
 
@@ -86,7 +104,7 @@ def make_step(model, images, labels, compiled: bool):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return torch.nn.functional.cross_entropy(model(images), labels)
 
-    forward = torch.compile(loss_fn) if compiled else loss_fn
+    forward = torch.compile(loss_fn, options=options) if compiled else loss_fn
 
     def step():
         loss = forward()
@@ -117,7 +135,7 @@ def measure(name: str, compiled: bool, args, images, labels) -> dict:
 
 def _measure(name: str, factory, compiled: bool, args, images, labels) -> dict:
     model = factory(args.img, args.num_prompts).cuda()
-    step = make_step(model, images, labels, compiled)
+    step = make_step(model, images, labels, compiled, COMPILE_OPTIONS.get(name, (None, None))[1])
     for _ in range(args.warmup):
         step()
     ran = None
@@ -148,7 +166,8 @@ def _measure(name: str, factory, compiled: bool, args, images, labels) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--rows", default=DEFAULT_ROWS,
+                        help=f"default {DEFAULT_ROWS}; by name also {','.join(HAND_OVERS | COMPILE_OPTIONS)}")
     parser.add_argument("--compiled", choices=("no", "yes", "both"), default="both")
     parser.add_argument("--model", default=BACKBONE["name"], help="timm ViT (random init)")
     parser.add_argument("--img", type=int, default=224)

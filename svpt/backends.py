@@ -14,15 +14,16 @@ declares, as plain data (kernel modules never import :mod:`svpt`):
     ``{op: [{"devices": ..., "dtypes": ..., "use": implementation, "why": reason}, ...]}``:
     cases inside ``SUPPORTS`` where another implementation was measured faster (e.g. PyTorch's
     SDPA for 16-bit attention on CUDA); also a hand-over, declared and visible. A rule marked
-    ``"nondeterministic": True`` is skipped under ``torch.use_deterministic_algorithms(True)``.
+    ``"nondeterministic": True`` is skipped under ``torch.use_deterministic_algorithms(True)``; one
+    marked ``"compiling": True`` applies only while torch.compile traces (:func:`compile_table`).
 ``FAST_PATHS``
     the exact fast-path ops (``prompt_kv_attention``, ``folded_cross_attention``) the methods
     should use on it instead of their plain path; a tuple, or ``{device type: tuple}``.
 ``AUTO_DEVICE_TYPES`` and ``why_unusable(device)``
     where ``"auto"`` may pick it, and ``None`` or why it cannot run here.
 
-Besides the selectable backends there are *providers* (``sdpa``): implementations of a few
-ops that a backend's ``PREFER`` may name; they cannot be selected on their own.
+Besides the selectable backends there are *providers* (``sdpa``, ``fusible``): implementations of a
+few ops that a backend's ``PREFER`` may name; they cannot be selected on their own.
 
 Select with ``svpt.set_backend(name)``, ``with svpt.backend(name):`` or ``SVPT_BACKEND``; the default
 is ``"auto"``: per device, the first usable of triton, cpp, eager among those its ``AUTO_DEVICE_TYPES``
@@ -47,7 +48,8 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["Implementation", "Kernels", "OPS", "PRODUCT_OPS", "auto_choice", "available_backends", "backend", "fast_paths",
+__all__ = ["Implementation", "Kernels", "OPS", "PRODUCT_OPS", "auto_choice", "available_backends", "backend",
+           "compile_table", "fast_paths",
            "get_backend", "has_fast_path", "implementation", "kernels", "register_backend",
            "set_backend", "table", "trace"]
 
@@ -114,6 +116,8 @@ register_backend("triton", "svpt_kernels.triton", "Triton kernels: row-local DA 
                  "flash attention, the fast paths")
 register_backend("cpp", "svpt_kernels.cpp", "C++/CUDA extension (csrc/)")
 register_backend("sdpa", "svpt.sdpa", "PyTorch's scaled_dot_product_attention (cuDNN / FlashAttention)",
+                 selectable=False)
+register_backend("fusible", "svpt.fusible", "plain PyTorch ops that torch.compile fuses with their neighbours",
                  selectable=False)
 
 _AUTO = "auto"
@@ -249,13 +253,17 @@ def _matches(rule: dict, device_type: str, dtype: torch.dtype) -> bool:
     return device_type in rule.get("devices", (device_type,)) and dtype in rule.get("dtypes", (dtype,))
 
 
-def _route(backend_name: str, op: str, device_type: str, dtype: torch.dtype, sizes: dict) -> tuple[str, str | None]:
-    """(implementation name, why handed over or None) for ``op`` on the backend's declarations."""
+def _route(backend_name: str, op: str, device_type: str, dtype: torch.dtype, sizes: dict,
+           compiling: bool = False) -> tuple[str, str | None]:
+    """(implementation name, why handed over or None) for ``op`` on the backend's declarations, in a
+    forward that torch.compile traces (``compiling``) or not."""
     module = _REGISTRY[backend_name].load()
     deterministic = torch.are_deterministic_algorithms_enabled()
     for rule in getattr(module, "PREFER", {}).get(op, ()):
-        if _matches(rule, device_type, dtype) and not (deterministic and rule.get("nondeterministic")):
-            return rule["use"], f"{backend_name} prefers {rule['use']} here: {rule['why']}"
+        if (_matches(rule, device_type, dtype) and not (deterministic and rule.get("nondeterministic"))
+                and rule.get("compiling", compiling) == compiling):
+            when = " while torch.compile traces" if rule.get("compiling") else ""
+            return rule["use"], f"{backend_name} prefers {rule['use']}{when} here: {rule['why']}"
     supports = getattr(module, "SUPPORTS", None)
     if supports is None:
         return backend_name, None
@@ -291,7 +299,7 @@ def implementation(op: str, device: torch.device, dtype: torch.dtype, sizes: dic
     in) on ``device`` under the current selection, with ``sizes`` checked against declared limits."""
     device = torch.device(device)
     chosen = _backend_name(device)
-    name, why = _route(chosen, op, device.type, dtype, sizes or {})
+    name, why = _route(chosen, op, device.type, dtype, sizes or {}, torch.compiler.is_compiling())
     fn = getattr(_REGISTRY[name].load(), op)
     impl = Implementation(op, name, fn, why)
     return Implementation(op, name, _recorded(impl), why) if _tracing else impl
@@ -345,7 +353,7 @@ def kernels(device: torch.device, dtype: torch.dtype, **sizes: int) -> Kernels:
     if dtype != torch.float64 and torch.is_autocast_enabled(device.type):
         product = torch.get_autocast_dtype(device.type)
     key = (device, dtype, product, tuple(sorted(sizes.items())), _current, _fast_paths_on,
-           torch.are_deterministic_algorithms_enabled(), torch.jit.is_tracing())
+           torch.are_deterministic_algorithms_enabled(), torch.jit.is_tracing(), torch.compiler.is_compiling())
     found = _KERNELS.get(key)
     if found is None:
         found = Kernels(device, dtype, product, sizes)
@@ -397,6 +405,23 @@ def table(device_types: tuple[str, ...] = ("cpu", "cuda"),
                     rows.append({"backend": name, "op": op, "device": device_type,
                                  "dtype": _dtype_name(dtype), "runs": runs, "why": why or ""})
     return rows
+
+
+def compile_table(device_types: tuple[str, ...] = ("cpu", "cuda"),
+                  backends: tuple[str, ...] | None = None) -> list[dict[str, str]]:
+    """The rows of :func:`table` that differ while torch.compile traces a forward (PREFER rules marked
+    ``"compiling"``): ``{backend, op, device, dtype, runs, why}`` with what runs then."""
+    rows = []
+    for row in table(device_types, backends):
+        if row["runs"] == "-":
+            continue
+        runs, why = _route(row["backend"], row["op"], row["device"], _TABLE_DTYPE_BY_NAME[row["dtype"]], {}, True)
+        if runs != row["runs"]:
+            rows.append({**row, "runs": runs, "why": why or ""})
+    return rows
+
+
+_TABLE_DTYPE_BY_NAME = {_dtype_name(d): d for d in _TABLE_DTYPES}
 
 
 def describe() -> dict[str, str | None]:

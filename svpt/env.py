@@ -61,7 +61,19 @@ def _implementations() -> list[tuple[str, str]]:
         for runs, names in groups.items():
             which = "every op" if len(names) == len(ops) else ", ".join(names)
             rows.append((f"  {backend} on {device}", f"{which}: {' / '.join(runs)}"))
-    return rows
+    return rows + _compiled_hand_overs(devices)
+
+
+def _compiled_hand_overs(devices: tuple[str, ...]) -> list[tuple[str, str]]:
+    """What runs otherwise while torch.compile traces (svpt.backends.compile_table), per backend,
+    device and implementation."""
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for row in backends.compile_table(devices):
+        ops = groups.setdefault((row["backend"], row["device"], row["runs"]), [])
+        if row["op"] not in ops:
+            ops.append(row["op"])
+    return [("under torch.compile", f"{backend} on {device}: {', '.join(ops)}: {runs}")
+            for (backend, device, runs), ops in groups.items()]
 
 
 def report() -> str:

@@ -126,3 +126,22 @@ def test_cpp_kernels_without_blas():
                "-k", "cpp-cpu-float32 or cpp-cpu-float64"]
     out = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and " passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
+
+
+def test_compile_table_and_svpt_env_show_what_runs_under_torch_compile(monkeypatch):
+    """A PREFER rule marked "compiling" leaves svpt.backends.table() (what runs in eager forwards) as it
+    is; svpt.backends.compile_table() lists the cases it changes, with the reason, and ``svpt env``
+    shows them. Here with such a rule added to this machine's first kernel backend on its first device."""
+    name, device = next((n, d) for n in SELECTABLE if n != "eager" for d in opcheck.DEVICES
+                        if backends._REGISTRY[n].why_unusable(torch.device(d)) is None)  # noqa: SLF001
+    module = backends._REGISTRY[name].load()  # noqa: SLF001
+    before = backends.table((device,), (name,))
+    rule = {"devices": (device,), "use": "fusible", "compiling": True, "why": "a test's rule"}
+    monkeypatch.setattr(module, "PREFER", {**module.PREFER, "ae_update": [rule]})
+    assert backends.table((device,), (name,)) == before
+    rows = backends.compile_table((device,), (name,))
+    assert {(r["op"], r["runs"]) for r in rows} == {("ae_update", "fusible")}
+    assert len(rows) == len(opcheck.DTYPES) and all("while torch.compile traces" in r["why"] for r in rows)
+    label = "under torch.compile"
+    shown = [line[len(label):].strip() for line in report().splitlines() if line.startswith(label)]
+    assert shown == [f"{name} on {device}: ae_update: fusible"], shown

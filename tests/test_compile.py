@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import svpt
+import svpt.fusible
 from svpt import backends
 
 import opcheck
@@ -92,3 +93,35 @@ def test_first_call_compiled_in_a_fresh_process(backend):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "one graph each" in done.stdout, done.stderr[-3000:]
     assert "lru_cache" not in done.stderr, done.stderr[-3000:]  # Dynamo's warning: a cache it traces through
+
+
+COMPILING_OPS = ("da_mix", "ae_update", "folded_cross_attention")
+
+
+@pytest.mark.parametrize("method", ["svpt", "cvpt"])
+def test_compiling_rules_hand_over_while_torch_compile_traces(monkeypatch, method):
+    """A PREFER rule marked "compiling" (the Triton backend's: svpt.fusible on CUDA) applies only while
+    torch.compile traces: the kernels resolved then name it, those of an eager forward do not, and the
+    compiled model, which ran it, computes what the eager one does. Here on this machine's first kernel
+    backend and device, with such rules added for the test."""
+    backend = KERNEL_BACKENDS[0]
+    module = backends._REGISTRY[backend].load()  # noqa: SLF001
+    rules = {op: [{"devices": (DEVICE,), "use": "fusible", "compiling": True, "why": "test"}] for op in COMPILING_OPS}
+    monkeypatch.setattr(module, "PREFER", {**module.PREFER, **rules})
+    calls = []
+    for op in COMPILING_OPS:
+        fused = getattr(svpt.fusible, op)
+        monkeypatch.setattr(svpt.fusible, op, lambda *args, fused=fused, op=op: calls.append(op) or fused(*args))
+    backends._KERNELS.clear()  # noqa: SLF001
+    sizes = {"head_dim": 8, "logit_columns": 6}
+    with svpt.backend(backend):
+        eager = backends.kernels(torch.device(DEVICE), torch.float32, **sizes)
+        with monkeypatch.context() as tracing:
+            tracing.setattr(torch.compiler, "is_compiling", lambda: True)
+            traced = backends.kernels(torch.device(DEVICE), torch.float32, **sizes)
+    assert {op: eager.names[op] for op in COMPILING_OPS} == dict.fromkeys(COMPILING_OPS, backend)
+    assert {op: traced.names[op] for op in COMPILING_OPS} == dict.fromkeys(COMPILING_OPS, "fusible")
+    assert "while torch.compile traces" in traced.why["ae_update"]
+    test_compile_fullgraph(backend, method)
+    backends._KERNELS.clear()  # noqa: SLF001
+    assert set(calls) == ({"da_mix", "ae_update"} if method == "svpt" else {"folded_cross_attention"}), calls
