@@ -13,9 +13,8 @@ with SDPA, the research-code SVPT (svpt's eager backend: T x T probabilities), a
 VPT-deep and CVPT on the selected backend. Ratios are taken inside
 this run. ``--profile`` adds each row's GPU kernel time per step, grouped (torch.profiler).
 Rows asked for by name only (``--rows``) change one of those: a hand-over the backend does not
-declare (HAND_OVERS: ``svpt-fusible`` hands SVPT's row-local ops to svpt.fusible while torch.compile
-traces), or drops (``cvpt-own-kernels`` runs the fused fold kernel also where the backend hands it to
-svpt.fusible under torch.compile), or Inductor options (COMPILE_OPTIONS).
+declare (HAND_OVERS), or drops (``cvpt-own-kernels`` runs the fused fold kernel also where the backend
+hands it to svpt.fusible under torch.compile), or Inductor options (COMPILE_OPTIONS).
 Writes OUT.json and OUT.txt.
 """
 from __future__ import annotations
@@ -64,7 +63,6 @@ ROWS = {  # name -> (factory(img, M), svpt backend: None = --backend)
 # PREFER rules dropped), for the A/B of those rules.
 HAND_OVERS = {
     "vpt-deep-sdpa-kv": ("vpt-deep", {"prompt_kv_attention": "sdpa"}),
-    "svpt-fusible": ("svpt", {"da_mix": "fusible", "ae_update": "fusible"}),
     "cvpt-own-kernels": ("cvpt", {"folded_cross_attention": None}),
 }
 # Rows compiled with Inductor options: row -> (the row it changes, torch.compile(options=...)).

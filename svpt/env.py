@@ -34,10 +34,15 @@ def _tool_version(cmd: str) -> str:
 
 def _extension_info() -> str:
     try:
-        from svpt_kernels.cpp import build_info
+        from svpt_kernels.cpp import build_info, fused_kv_kernel, why_unusable
     except Exception as exc:  # the loader itself failed to import; say so rather than crash
         return f"svpt_kernels.cpp not importable ({type(exc).__name__}: {exc})"
-    return build_info()
+    info = build_info()
+    if torch.cuda.is_available() and why_unusable("cuda") is None:
+        kernel = fused_kv_kernel("cuda")
+        info += ("; 16-bit prompt_kv_attention on cuda: " +
+                 (f"ATen's {kernel} attention" if kernel else "this extension's kernels"))
+    return info
 
 
 _TABLE_DTYPES = ("float32", "float16", "bfloat16", "float64")

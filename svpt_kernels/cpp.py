@@ -17,7 +17,7 @@ Dtypes: the inputs are promoted as the reference promotes them. On CPU, float16/
 computed in float32 (attention casts its inputs to float32 and the result back; da_mix,
 ae_update and the saliency read and write the half types and accumulate in float32). On CUDA,
 16-bit attention is handed to PyTorch's fused attention (declared in ``PREFER``; the VPT-deep
-fast path calls ATen's FlashAttention kernels itself, see :func:`prompt_kv_attention`).
+fast path calls ATen's cuDNN or FlashAttention kernels itself, :func:`fused_kv_kernel` says which).
 
 If the extension was not built or does not load, this module still imports and
 :func:`why_unusable` says why; ``svpt env`` shows it.
@@ -41,7 +41,9 @@ _DTYPES = (torch.float32, torch.float64, *_HALF)  # half types: float32 arithmet
 # measured on an H200 against the Triton backend, ViT-B/16 training step, batch 128, bf16, not
 # compiled / compiled: SVPT M=50 1.07x / 1.06x, CVPT M=10 1.04x / 0.97x, VPT-deep M=50 1.26x /
 # 1.04x (benchmarks/results/cpp_cuda_step_h200*.txt); cpp SVPT 44.6 ms, eager SVPT 86.8 ms (another
-# run: token_floor_h200_eager.txt).
+# run: token_floor_h200_eager.txt). With cuDNN's attention for VPT-deep's fast path (was
+# FlashAttention's), on an H100, not compiled: VPT-deep 1.19x, SVPT 1.06x, CVPT 1.05x
+# (cpp_cuda_step_h100.txt).
 AUTO_DEVICE_TYPES = ("cpu", "cuda")
 # The fast paths the methods use on this backend, per device type (svpt.backends.has_fast_path).
 # CPU: both measured faster than the plain path, training step of ViT-Tiny/16 at 224, batch 32,
@@ -319,32 +321,43 @@ def _segments(q, k, v, prompt_k, prompt_v):
     return k_all.transpose(1, 2), v_all.transpose(1, 2)
 
 
-class _FlashKVAttention(torch.autograd.Function):
-    """16-bit prompt_kv_attention on CUDA through ATen's FlashAttention kernels. The concatenated
-    keys/values exist only inside the forward and the backward (rebuilt there, one cheap copy):
-    what is kept for backward is the inputs, the output and the row log-sum-exp, as for the
-    extension's own kernels, never a second copy of the sequence's keys and values."""
+class _FusedKVAttention(torch.autograd.Function):
+    """16-bit prompt_kv_attention on CUDA through ATen's fused attention kernels (cuDNN's or
+    FlashAttention's, :func:`_fused_kv_kernel`). The concatenated keys/values exist only inside the
+    forward and the backward (rebuilt there, one cheap copy): what is kept for backward is the
+    inputs, the output and the row log-sum-exp, as for the extension's own kernels, never a second
+    copy of the sequence's keys and values."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prompt_k, prompt_v, scale):
+    def forward(ctx, q, k, v, prompt_k, prompt_v, scale, kernel):
         k_all, v_all = _segments(q, k, v, prompt_k, prompt_v)
-        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
-            q.transpose(1, 2), k_all, v_all, 0.0, False, False, scale=scale)
+        if kernel == "cudnn":
+            out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q.transpose(1, 2), k_all, v_all, None, True, 0.0, False, False, scale=scale)
+        else:
+            out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+                q.transpose(1, 2), k_all, v_all, 0.0, False, False, scale=scale)
         ctx.save_for_backward(q, k, v, prompt_k, prompt_v, out, lse, seed, offset)
-        ctx.rest = (cum_q, cum_k, max_q, max_k, scale)
+        ctx.rest = (cum_q, cum_k, max_q, max_k, scale, kernel)
         return out.transpose(1, 2)
 
     @staticmethod
     @_first_order("prompt_kv_attention")
     def backward(ctx, grad_out):
         q, k, v, prompt_k, prompt_v, out, lse, seed, offset = ctx.saved_tensors
-        cum_q, cum_k, max_q, max_k, scale = ctx.rest
+        cum_q, cum_k, max_q, max_k, scale, kernel = ctx.rest
         k_all, v_all = _segments(q, k, v, prompt_k, prompt_v)
         grad = grad_out.transpose(1, 2)
-        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
-        dq, dk_all, dv_all = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            grad, q.transpose(1, 2), k_all, v_all, out, lse, cum_q, cum_k, max_q, max_k, 0.0, False, seed, offset,
-            scale=scale)
+        if kernel == "cudnn":  # cuDNN wants the output gradient laid out as the output
+            grad = grad if grad.stride() == out.stride() else torch.empty_like(out).copy_(grad)
+            dq, dk_all, dv_all = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                grad, q.transpose(1, 2), k_all, v_all, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k,
+                0.0, False, scale=scale)
+        else:
+            grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+            dq, dk_all, dv_all = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                grad, q.transpose(1, 2), k_all, v_all, out, lse, cum_q, cum_k, max_q, max_k, 0.0, False, seed,
+                offset, scale=scale)
         dq, dk_all, dv_all = (t.transpose(1, 2) for t in (dq, dk_all, dv_all))
         prompts = prompt_k.shape[1]
         batch_1 = prompt_k.shape[0] == 1 and q.shape[0] != 1
@@ -352,36 +365,64 @@ class _FlashKVAttention(torch.autograd.Function):
         def prompt_grad(g):
             g = g[:, :prompts]
             return g.sum(0, keepdim=True) if batch_1 else g
-        return dq, dk_all[:, prompts:], dv_all[:, prompts:], prompt_grad(dk_all), prompt_grad(dv_all), None
+        return dq, dk_all[:, prompts:], dv_all[:, prompts:], prompt_grad(dk_all), prompt_grad(dv_all), None, None
 
 
-_FLASH_CAPABLE: dict[int | None, bool] = {}  # per GPU index (a plain dict: torch.compile traces it)
+def _has_cudnn_attention_ops() -> bool:
+    """Whether this torch has ATen's cuDNN attention ops with the signatures called above (torch >= 2.5;
+    older releases had others)."""
+    ops = [getattr(torch.ops.aten, name, None) for name in
+           ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward")]
+    return all(op is not None and "attn_bias" in [a.name for a in op.default._schema.arguments] for op in ops)
 
 
-def _flash_capable(index: int | None) -> bool:
-    if index not in _FLASH_CAPABLE:
-        available = getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)()
-        _FLASH_CAPABLE[index] = available and torch.cuda.get_device_capability(index) >= (8, 0)
-    return _FLASH_CAPABLE[index]
+_FUSED_KV_KERNEL: dict[int | None, str | None] = {}  # per GPU index (a plain dict: torch.compile traces it)
 
 
-def _flash_applies(q: torch.Tensor, dtype: torch.dtype) -> bool:
-    """ATen's FlashAttention takes 16-bit inputs with head dims that are multiples of 8, up to 256,
-    on sm80 and newer GPUs of a torch built with it."""
+def _fused_kv_kernel(index: int | None) -> str | None:
+    """ATen's fused attention kernel for 16-bit prompt_kv_attention on GPU ``index``: ``"cudnn"`` on
+    Hopper and newer where torch has cuDNN's attention enabled (torch's own SDPA picks it first there,
+    and it is what SDPA runs for the other attention of these steps), else ``"flash"`` on sm80 and
+    newer where torch was built with FlashAttention, else ``None`` (this extension's own kernels).
+    :func:`fused_kv_kernel` says which, for ``svpt env`` and the tests."""
+    if index not in _FUSED_KV_KERNEL:
+        capability = torch.cuda.get_device_capability(index)
+        cudnn = (capability >= (9, 0) and torch.backends.cudnn.is_available() and _has_cudnn_attention_ops()
+                 and getattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: False)())
+        flash = (getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)()
+                 and capability >= (8, 0))
+        _FUSED_KV_KERNEL[index] = "cudnn" if cudnn else "flash" if flash else None
+    return _FUSED_KV_KERNEL[index]
+
+
+def fused_kv_kernel(device: torch.device | str) -> str | None:
+    """Which ATen kernel runs 16-bit prompt_kv_attention on ``device`` (``"cudnn"``, ``"flash"``), or
+    ``None`` where this extension's own kernels run it."""
+    device = torch.device(device)
+    return _fused_kv_kernel(device.index) if device.type == "cuda" and torch.cuda.is_available() else None
+
+
+def _fused_kv_applies(q: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """The fused kernel for these inputs: ATen's fused attention takes 16-bit inputs with head dims
+    that are multiples of 8, up to 128 for cuDNN's (256 for FlashAttention's)."""
     dim = q.shape[-1]
-    return q.is_cuda and dtype in _HALF and dim % 8 == 0 and dim <= 256 and _flash_capable(q.device.index)
+    if not (q.is_cuda and dtype in _HALF and dim % 8 == 0 and dim <= 256):
+        return None
+    kernel = _fused_kv_kernel(q.device.index)
+    return "flash" if kernel == "cudnn" and dim > 128 else kernel
 
 
 def prompt_kv_attention(q, k, v, prompt_k, prompt_v, scale):
-    """On CUDA in 16-bit (where FlashAttention applies) ATen's FlashAttention kernels over the
-    concatenated segments; elsewhere this extension's kernels, which read the segments in turn."""
+    """On CUDA in 16-bit ATen's fused attention kernels over the concatenated segments
+    (:func:`fused_kv_kernel`); elsewhere this extension's kernels, which read the segments in turn."""
     _require(q.device)
     dtype = _promoted(q, k, v, prompt_k, prompt_v)
     kdt = _kernel_dtype(dtype, q.device)
     tensors = [t.to(kdt) for t in (q, k, v, prompt_k, prompt_v)]
-    if _flash_applies(q, kdt):
+    fused = _fused_kv_applies(q, kdt)
+    if fused is not None:
         tensors = [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
-        return _FlashKVAttention.apply(*tensors, float(scale))
+        return _FusedKVAttention.apply(*tensors, float(scale), fused)
     return _PromptKVAttention.apply(*tensors, float(scale)).to(dtype)
 
 

@@ -137,11 +137,11 @@ def test_compile_table_and_svpt_env_show_what_runs_under_torch_compile(monkeypat
     module = backends._REGISTRY[name].load()  # noqa: SLF001
     before = backends.table((device,), (name,))
     rule = {"devices": (device,), "use": "fusible", "compiling": True, "why": "a test's rule"}
-    monkeypatch.setattr(module, "PREFER", {**module.PREFER, "ae_update": [rule]})
+    monkeypatch.setattr(module, "PREFER", {**module.PREFER, "folded_cross_attention": [rule]})
     assert backends.table((device,), (name,)) == before
     rows = backends.compile_table((device,), (name,))
-    assert {(r["op"], r["runs"]) for r in rows} == {("ae_update", "fusible")}
+    assert {(r["op"], r["runs"]) for r in rows} == {("folded_cross_attention", "fusible")}
     assert len(rows) == len(opcheck.DTYPES) and all("while torch.compile traces" in r["why"] for r in rows)
     label = "under torch.compile"
     shown = [line[len(label):].strip() for line in report().splitlines() if line.startswith(label)]
-    assert shown == [f"{name} on {device}: ae_update: fusible"], shown
+    assert shown == [f"{name} on {device}: folded_cross_attention: fusible"], shown

@@ -95,11 +95,10 @@ def test_first_call_compiled_in_a_fresh_process(backend):
     assert "lru_cache" not in done.stderr, done.stderr[-3000:]  # Dynamo's warning: a cache it traces through
 
 
-COMPILING_OPS = ("da_mix", "ae_update", "folded_cross_attention")
+COMPILING_OPS = ("folded_cross_attention",)
 
 
-@pytest.mark.parametrize("method", ["svpt", "cvpt"])
-def test_compiling_rules_hand_over_while_torch_compile_traces(monkeypatch, method):
+def test_compiling_rules_hand_over_while_torch_compile_traces(monkeypatch):
     """A PREFER rule marked "compiling" (the Triton backend's: svpt.fusible on CUDA) applies only while
     torch.compile traces: the kernels resolved then name it, those of an eager forward do not, and the
     compiled model, which ran it, computes what the eager one does. Here on this machine's first kernel
@@ -121,7 +120,7 @@ def test_compiling_rules_hand_over_while_torch_compile_traces(monkeypatch, metho
             traced = backends.kernels(torch.device(DEVICE), torch.float32, **sizes)
     assert {op: eager.names[op] for op in COMPILING_OPS} == dict.fromkeys(COMPILING_OPS, backend)
     assert {op: traced.names[op] for op in COMPILING_OPS} == dict.fromkeys(COMPILING_OPS, "fusible")
-    assert "while torch.compile traces" in traced.why["ae_update"]
-    test_compile_fullgraph(backend, method)
+    assert "while torch.compile traces" in traced.why["folded_cross_attention"]
+    test_compile_fullgraph(backend, "cvpt")
     backends._KERNELS.clear()  # noqa: SLF001
-    assert set(calls) == ({"da_mix", "ae_update"} if method == "svpt" else {"folded_cross_attention"}), calls
+    assert set(calls) == {"folded_cross_attention"}, calls

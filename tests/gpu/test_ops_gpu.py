@@ -95,3 +95,17 @@ def test_selection_in_bf16_agrees_with_float64(backend, shape):
     for label, value in shares.items():
         print(f"  {label:<44} {value:.4f}")
     assert shares["backend vs float64 (same rounded inputs)"] >= 0.98, shares
+
+
+def test_cpp_vpt_deep_attention_runs_the_kernel_sdpa_would_choose():
+    """The cpp backend's 16-bit prompt_kv_attention calls ATen's cuDNN or FlashAttention kernel itself
+    (svpt_kernels.cpp.fused_kv_kernel): the one PyTorch's SDPA would choose for such inputs here."""
+    from torch.nn.attention import SDPBackend
+
+    from svpt_kernels import cpp
+    if cpp.why_unusable("cuda") is not None:
+        pytest.skip(f"cpp cannot run on CUDA here: {cpp.why_unusable('cuda')}")
+    q = torch.randn(8, 12, 247, 64, device="cuda", dtype=torch.bfloat16)
+    choice = int(torch._fused_sdp_choice(q, q, q))
+    expected = {int(SDPBackend.CUDNN_ATTENTION.value): "cudnn", int(SDPBackend.FLASH_ATTENTION.value): "flash"}
+    assert cpp.fused_kv_kernel("cuda") == expected.get(choice), (choice, cpp.fused_kv_kernel("cuda"))
