@@ -323,7 +323,7 @@ def _segments(q, k, v, prompt_k, prompt_v):
 
 class _FusedKVAttention(torch.autograd.Function):
     """16-bit prompt_kv_attention on CUDA through ATen's fused attention kernels (cuDNN's or
-    FlashAttention's, :func:`_fused_kv_kernel`). The concatenated keys/values exist only inside the
+    FlashAttention's, :func:`fused_kv_kernel`). The concatenated keys/values exist only inside the
     forward and the backward (rebuilt there, one cheap copy): what is kept for backward is the
     inputs, the output and the row log-sum-exp, as for the extension's own kernels, never a second
     copy of the sequence's keys and values."""
@@ -376,40 +376,33 @@ def _has_cudnn_attention_ops() -> bool:
     return all(op is not None and "attn_bias" in [a.name for a in op.default._schema.arguments] for op in ops)
 
 
-_FUSED_KV_KERNEL: dict[int | None, str | None] = {}  # per GPU index (a plain dict: torch.compile traces it)
+_FUSED_KV_KERNELS: dict[int | None, tuple[str, ...]] = {}  # per GPU index (a plain dict: torch.compile traces it)
+_FUSED_KV_MAX_HEAD_DIM = {"cudnn": 128, "flash": 256}
 
 
-def _fused_kv_kernel(index: int | None) -> str | None:
-    """ATen's fused attention kernel for 16-bit prompt_kv_attention on GPU ``index``: ``"cudnn"`` on
-    Hopper and newer where torch has cuDNN's attention enabled (torch's own SDPA picks it first there,
-    and it is what SDPA runs for the other attention of these steps), else ``"flash"`` on sm80 and
-    newer where torch was built with FlashAttention, else ``None`` (this extension's own kernels).
-    :func:`fused_kv_kernel` says which, for ``svpt env`` and the tests."""
-    if index not in _FUSED_KV_KERNEL:
+def _fused_kv_kernels(index: int | None) -> tuple[str, ...]:
+    """ATen's fused attention kernels usable for 16-bit prompt_kv_attention on GPU ``index``, preferred
+    first: ``"cudnn"`` on Hopper and newer where torch has cuDNN's attention enabled (torch's own SDPA
+    picks it first there, and it is what SDPA runs for the other attention of these steps), then
+    ``"flash"`` on sm80 and newer where torch was built with FlashAttention."""
+    if index not in _FUSED_KV_KERNELS:
         capability = torch.cuda.get_device_capability(index)
         cudnn = (capability >= (9, 0) and torch.backends.cudnn.is_available() and _has_cudnn_attention_ops()
                  and getattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: False)())
         flash = (getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)()
                  and capability >= (8, 0))
-        _FUSED_KV_KERNEL[index] = "cudnn" if cudnn else "flash" if flash else None
-    return _FUSED_KV_KERNEL[index]
+        _FUSED_KV_KERNELS[index] = ("cudnn",) * cudnn + ("flash",) * flash
+    return _FUSED_KV_KERNELS[index]
 
 
-def fused_kv_kernel(device: torch.device | str) -> str | None:
-    """Which ATen kernel runs 16-bit prompt_kv_attention on ``device`` (``"cudnn"``, ``"flash"``), or
-    ``None`` where this extension's own kernels run it."""
+def fused_kv_kernel(device: torch.device | str, head_dim: int = 64) -> str | None:
+    """Which ATen kernel runs 16-bit prompt_kv_attention with heads of ``head_dim`` on ``device``
+    (``"cudnn"``, ``"flash"``: multiples of 8, up to 128 and 256), or ``None`` where this extension's
+    own kernels run it."""
     device = torch.device(device)
-    return _fused_kv_kernel(device.index) if device.type == "cuda" and torch.cuda.is_available() else None
-
-
-def _fused_kv_applies(q: torch.Tensor, dtype: torch.dtype) -> str | None:
-    """The fused kernel for these inputs: ATen's fused attention takes 16-bit inputs with head dims
-    that are multiples of 8, up to 128 for cuDNN's (256 for FlashAttention's)."""
-    dim = q.shape[-1]
-    if not (q.is_cuda and dtype in _HALF and dim % 8 == 0 and dim <= 256):
+    if device.type != "cuda" or not torch.cuda.is_available() or head_dim % 8:
         return None
-    kernel = _fused_kv_kernel(q.device.index)
-    return "flash" if kernel == "cudnn" and dim > 128 else kernel
+    return next((k for k in _fused_kv_kernels(device.index) if head_dim <= _FUSED_KV_MAX_HEAD_DIM[k]), None)
 
 
 def prompt_kv_attention(q, k, v, prompt_k, prompt_v, scale):
@@ -419,7 +412,7 @@ def prompt_kv_attention(q, k, v, prompt_k, prompt_v, scale):
     dtype = _promoted(q, k, v, prompt_k, prompt_v)
     kdt = _kernel_dtype(dtype, q.device)
     tensors = [t.to(kdt) for t in (q, k, v, prompt_k, prompt_v)]
-    fused = _fused_kv_applies(q, kdt)
+    fused = fused_kv_kernel(q.device, q.shape[-1]) if kdt in _HALF else None
     if fused is not None:
         tensors = [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
         return _FusedKVAttention.apply(*tensors, float(scale), fused)
