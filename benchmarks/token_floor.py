@@ -58,9 +58,8 @@ ROWS = {  # name -> (factory(img, M), svpt backend: None = --backend)
     "cvpt": (lambda img, m: svpt.prompt(vit(img), "cvpt", 10), None),
 }
 # Hand-overs against the backend's declarations: row -> (the row it changes, {op: implementation}), each
-# implementation preferred for its op (every dtype, on CUDA; svpt.fusible only while torch.compile traces)
-# for the row's run; None: the backend's own kernel also while torch.compile traces (its "compiling"
-# PREFER rules dropped), for the A/B of those rules.
+# implementation preferred for its op (every dtype, on CUDA) for the row's run; None: the backend's own
+# kernel also while torch.compile traces (its "compiling" PREFER rules dropped), for the A/B of those rules.
 HAND_OVERS = {
     "vpt-deep-sdpa-kv": ("vpt-deep", {"prompt_kv_attention": "sdpa"}),
     "cvpt-own-kernels": ("cvpt", {"folded_cross_attention": None}),
@@ -82,9 +81,8 @@ def preferring(row: str):
     prefer = backends.resolve(torch.device("cuda")).PREFER
     saved = {op: prefer.get(op) for op in HAND_OVERS[row][1]}
     for op, use in HAND_OVERS[row][1].items():
-        compiling = {"compiling": True} if use == "fusible" else {}
         prefer[op] = ([rule for rule in saved[op] or () if not rule.get("compiling")] if use is None else
-                      [{"devices": ("cuda",), "use": use, "why": row, **compiling}])
+                      [{"devices": ("cuda",), "use": use, "why": row}])
     backends._KERNELS.clear()  # noqa: SLF001 - resolved kernels are cached per configuration
     try:
         yield

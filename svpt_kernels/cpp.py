@@ -395,14 +395,21 @@ def _fused_kv_kernels(index: int | None) -> tuple[str, ...]:
     return _FUSED_KV_KERNELS[index]
 
 
+def _fused_kv_for(index: int | None, head_dim: int) -> str | None:
+    """The first usable fused kernel on GPU ``index`` that takes heads of ``head_dim`` (multiples of 8)."""
+    if head_dim % 8:
+        return None
+    return next((k for k in _fused_kv_kernels(index) if head_dim <= _FUSED_KV_MAX_HEAD_DIM[k]), None)
+
+
 def fused_kv_kernel(device: torch.device | str, head_dim: int = 64) -> str | None:
     """Which ATen kernel runs 16-bit prompt_kv_attention with heads of ``head_dim`` on ``device``
     (``"cudnn"``, ``"flash"``: multiples of 8, up to 128 and 256), or ``None`` where this extension's
     own kernels run it."""
     device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available() or head_dim % 8:
+    if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    return next((k for k in _fused_kv_kernels(device.index) if head_dim <= _FUSED_KV_MAX_HEAD_DIM[k]), None)
+    return _fused_kv_for(device.index, head_dim)
 
 
 def prompt_kv_attention(q, k, v, prompt_k, prompt_v, scale):
@@ -412,7 +419,7 @@ def prompt_kv_attention(q, k, v, prompt_k, prompt_v, scale):
     dtype = _promoted(q, k, v, prompt_k, prompt_v)
     kdt = _kernel_dtype(dtype, q.device)
     tensors = [t.to(kdt) for t in (q, k, v, prompt_k, prompt_v)]
-    fused = fused_kv_kernel(q.device, q.shape[-1]) if kdt in _HALF else None
+    fused = _fused_kv_for(q.device.index, q.shape[-1]) if q.is_cuda and kdt in _HALF else None
     if fused is not None:
         tensors = [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
         return _FusedKVAttention.apply(*tensors, float(scale), fused)

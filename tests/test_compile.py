@@ -95,22 +95,19 @@ def test_first_call_compiled_in_a_fresh_process(backend):
     assert "lru_cache" not in done.stderr, done.stderr[-3000:]  # Dynamo's warning: a cache it traces through
 
 
-COMPILING_OPS = ("folded_cross_attention",)
-
-
 def test_compiling_rules_hand_over_while_torch_compile_traces(monkeypatch):
     """A PREFER rule marked "compiling" (the Triton backend's: svpt.fusible on CUDA) applies only while
     torch.compile traces: the kernels resolved then name it, those of an eager forward do not, and the
     compiled model, which ran it, computes what the eager one does. Here on this machine's first kernel
-    backend and device, with such rules added for the test."""
+    backend and device, with such a rule added for the test."""
+    op = "folded_cross_attention"
     backend = KERNEL_BACKENDS[0]
     module = backends._REGISTRY[backend].load()  # noqa: SLF001
-    rules = {op: [{"devices": (DEVICE,), "use": "fusible", "compiling": True, "why": "test"}] for op in COMPILING_OPS}
-    monkeypatch.setattr(module, "PREFER", {**module.PREFER, **rules})
+    rule = {"devices": (DEVICE,), "use": "fusible", "compiling": True, "why": "test"}
+    monkeypatch.setattr(module, "PREFER", {**module.PREFER, op: [rule]})
     calls = []
-    for op in COMPILING_OPS:
-        fused = getattr(svpt.fusible, op)
-        monkeypatch.setattr(svpt.fusible, op, lambda *args, fused=fused, op=op: calls.append(op) or fused(*args))
+    fused = getattr(svpt.fusible, op)
+    monkeypatch.setattr(svpt.fusible, op, lambda *args: calls.append(op) or fused(*args))
     backends._KERNELS.clear()  # noqa: SLF001
     sizes = {"head_dim": 8, "logit_columns": 6}
     with svpt.backend(backend):
@@ -118,9 +115,9 @@ def test_compiling_rules_hand_over_while_torch_compile_traces(monkeypatch):
         with monkeypatch.context() as tracing:
             tracing.setattr(torch.compiler, "is_compiling", lambda: True)
             traced = backends.kernels(torch.device(DEVICE), torch.float32, **sizes)
-    assert {op: eager.names[op] for op in COMPILING_OPS} == dict.fromkeys(COMPILING_OPS, backend)
-    assert {op: traced.names[op] for op in COMPILING_OPS} == dict.fromkeys(COMPILING_OPS, "fusible")
-    assert "while torch.compile traces" in traced.why["folded_cross_attention"]
+    assert eager.names[op] == backend
+    assert traced.names[op] == "fusible"
+    assert "while torch.compile traces" in traced.why[op]
     test_compile_fullgraph(backend, "cvpt")
     backends._KERNELS.clear()  # noqa: SLF001
-    assert set(calls) == {"folded_cross_attention"}, calls
+    assert set(calls) == {op}, calls
