@@ -220,7 +220,12 @@ def main() -> None:
     mode.add_argument("--skip-compiled", action="store_true", help="only the not-compiled steps")
     mode.add_argument("--only-compiled", action="store_true", help="only the compiled steps")
     parser.add_argument("--skip-ops", action="store_true", help="no op correctness check")
+    parser.add_argument("--no-cudnn-attention", action="store_true",
+                        help="turn torch's cuDNN attention off first (torch.backends.cuda.enable_cudnn_sdp(False)), "
+                             "so that cpp's VPT-deep runs FlashAttention: the A/B of the two ATen kernels")
     args = parser.parse_args()
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     from svpt_kernels import cpp
     reason = cpp.why_unusable(DEVICE)
     if reason is not None:
@@ -229,7 +234,8 @@ def main() -> None:
     lines = [f"$ python {' '.join(sys.argv)}",
              f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
              f"{__import__('triton').__version__}, timm {__import__('timm').__version__}, python "
-             f"{platform.python_version()}; extension: {cpp.build_info()}"]
+             f"{platform.python_version()}; extension: {cpp.build_info()}; cpp's 16-bit VPT-deep attention: "
+             f"{cpp.fused_kv_kernel(DEVICE)}"]
     ok = True
     if not args.skip_ops:
         op_lines, ok = check_ops()

@@ -34,6 +34,7 @@ CONFIGS = {
     "cvpt10": (lambda: svpt.prompt(vit(), "cvpt", 10), "triton", True),
     "cvpt10-plain": (lambda: svpt.prompt(vit(), "cvpt", 10), "triton", False),
     "vpt-deep50": (lambda: svpt.prompt(vit(), "vpt-deep", 50), "triton", True),
+    "vpt-deep50-cpp": (lambda: svpt.prompt(vit(), "vpt-deep", 50), "cpp", True),
     "svpt50": (lambda: svpt.prompt(vit(), "svpt", 50), "triton", True),
     "svpt50-eager": (lambda: svpt.prompt(vit(), "svpt", 50), "eager", True),
     "plain-svpt50": (lambda: PlainSVPT(vit(), 50), "eager", True),
