@@ -105,23 +105,20 @@ def _load() -> str | None:
 
 _LOAD_ERROR = _load()
 _ops = None if _LOAD_ERROR else torch.ops.svpt_cpp
+# What the extension was built with, asked once here: its info ops return no tensors, so a forward
+# that torch.compile traces must not call them (the backends' checks run inside the traced forward).
+_BUILD_INFO = _LOAD_ERROR or _ops.build_info()
+_HAS_CUDA_KERNELS = _ops is not None and bool(_ops.has_cuda())
 
 
 def build_info() -> str:
     """What the loaded extension contains, or why it is not there."""
-    if _LOAD_ERROR:
-        return _LOAD_ERROR
-    return _ops.build_info()
-
-
-def _has_cuda_kernels() -> bool:
-    return _ops is not None and bool(_ops.has_cuda())
+    return _BUILD_INFO
 
 
 def _cuda_archs() -> list[tuple[int, int, bool]]:
     """(major, minor, ptx) for each architecture the CUDA kernels were compiled for."""
-    info = _ops.build_info()
-    archs = info.split("CUDA archs ", 1)[1].split(")", 1)[0] if "CUDA archs " in info else ""
+    archs = _BUILD_INFO.split("CUDA archs ", 1)[1].split(")", 1)[0] if "CUDA archs " in _BUILD_INFO else ""
     out = []
     for item in archs.replace(";", " ").replace("_", " ").split():
         ptx = item.endswith("+PTX")
@@ -145,10 +142,21 @@ def why_unusable(device: torch.device | str | None = None) -> str | None:
     return _why_not_cuda(device.index)
 
 
-@functools.lru_cache(maxsize=None)  # asked on every op call (svpt.backends.resolve): answer once per GPU
+_WHY_NOT_CUDA: dict[int | None, str | None] = {}
+
+
+# Asked when a backend's kernels are resolved, also inside a forward torch.compile traces: a fact of
+# the process, which the compiler takes as a constant (called, not traced).
+@torch.compiler.assume_constant_result
 def _why_not_cuda(index: int | None) -> str | None:
-    if not _has_cuda_kernels():
-        return (f"the C++ extension was built without CUDA kernels ({_ops.build_info()}); they are built when a GPU "
+    if index not in _WHY_NOT_CUDA:
+        _WHY_NOT_CUDA[index] = _cuda_problem(index)
+    return _WHY_NOT_CUDA[index]
+
+
+def _cuda_problem(index: int | None) -> str | None:
+    if not _HAS_CUDA_KERNELS:
+        return (f"the C++ extension was built without CUDA kernels ({_BUILD_INFO}); they are built when a GPU "
                 "is visible at install time or TORCH_CUDA_ARCH_LIST / SVPT_BUILD_CUDA=1 asks for them, with nvcc and "
                 "a CUDA build of torch: pip install --no-build-isolation -e . (docs/cpp.md)")
     if not torch.cuda.is_available():
@@ -159,7 +167,7 @@ def _why_not_cuda(index: int | None) -> str | None:
     # compiled by the driver for any newer GPU.
     if archs and not any((ma == major and mi <= minor) or (ptx and (ma, mi) <= (major, minor))
                          for ma, mi, ptx in archs):
-        return (f"the CUDA kernels were compiled for {_ops.build_info()}, not for this GPU (sm_{major}{minor}); "
+        return (f"the CUDA kernels were compiled for {_BUILD_INFO}, not for this GPU (sm_{major}{minor}); "
                 f"rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}")
     return None
 
@@ -376,10 +384,11 @@ def _has_cudnn_attention_ops() -> bool:
     return all(op is not None and "attn_bias" in [a.name for a in op.default._schema.arguments] for op in ops)
 
 
-_FUSED_KV_KERNELS: dict[int | None, tuple[str, ...]] = {}  # per GPU index (a plain dict: torch.compile traces it)
+_FUSED_KV_KERNELS: dict[int | None, tuple[str, ...]] = {}  # per GPU index
 _FUSED_KV_MAX_HEAD_DIM = {"cudnn": 128, "flash": 256}
 
 
+@torch.compiler.assume_constant_result  # asked by each traced call: a fact of the process, like _why_not_cuda
 def _fused_kv_kernels(index: int | None) -> tuple[str, ...]:
     """ATen's fused attention kernels usable for 16-bit prompt_kv_attention on GPU ``index``, preferred
     first: ``"cudnn"`` on Hopper and newer where torch has cuDNN's attention enabled (torch's own SDPA

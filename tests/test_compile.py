@@ -64,6 +64,31 @@ def test_fused_apply_selects_the_backend(backend):
         svpt.set_backend(previous)
 
 
+
+def test_cpp_host_checks_are_constants_to_torch_compile(monkeypatch):
+    """The cpp backend's checks of the extension and the GPU (CUDA kernels built, and for this GPU?
+    which of ATen's fused attention kernels?) run inside the forward torch.compile traces. They ask the
+    extension's info ops and torch's C flags, which return no tensors and which Dynamo cannot trace
+    (on an H100 every cpp model failed to compile: benchmarks/results/test_compile_gpu_h100.txt), so
+    the compiler must take their answers as the constants they are. An sm90 GPU is faked for the choice
+    of attention kernel (torch.cuda stays unavailable: Dynamo itself asks it)."""
+    from svpt_kernels import cpp
+    if cpp.why_unusable() is not None:
+        pytest.skip(f"the C++ extension is not usable here: {cpp.why_unusable()}")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+
+    def checks(x):
+        return x + len(cpp.why_unusable(torch.device("cuda", 0)) or "") + len(cpp._fused_kv_for(0, 64) or "")
+
+    monkeypatch.setattr(cpp, "_WHY_NOT_CUDA", {})  # the faked GPU's answers stay out of the real caches
+    monkeypatch.setattr(cpp, "_FUSED_KV_KERNELS", {})
+    want = checks(torch.zeros(1)).item()
+    cpp._WHY_NOT_CUDA.clear(), cpp._FUSED_KV_KERNELS.clear()  # first asked while tracing, as in a fresh process
+    got = torch.compile(checks, fullgraph=True, backend="eager")(torch.zeros(1))
+    torch._dynamo.reset()
+    assert got.item() == want
+
+
 FIRST_CALL_COMPILED = """
 import sys, torch, svpt
 sys.path.insert(0, {tests!r})
@@ -71,10 +96,10 @@ from backbones import BACKBONES, make_images
 torch._dynamo.config.error_on_recompile = True
 svpt.set_backend({backend!r})
 for method in ("svpt", "vpt-deep", "cvpt"):
-    model = svpt.prompt(BACKBONES["vit"](depth=2, img_size=24), method, 3)
+    model = svpt.prompt(BACKBONES["vit"](depth=2, img_size=24), method, 3).to({device!r})
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     for seed in (1, 2):
-        compiled(make_images(2, 24, seed=seed))
+        compiled(make_images(2, 24, seed=seed).to({device!r}))
     torch._dynamo.reset()  # the next model runs the same timm forward: a new compilation, not a recompile
 print("one graph each")
 """
@@ -89,7 +114,7 @@ def test_first_call_compiled_in_a_fresh_process(backend):
     import sys
     from pathlib import Path
 
-    script = FIRST_CALL_COMPILED.format(tests=str(Path(__file__).parent), backend=backend)
+    script = FIRST_CALL_COMPILED.format(tests=str(Path(__file__).parent), backend=backend, device=DEVICE)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "one graph each" in done.stdout, done.stderr[-3000:]
     assert "lru_cache" not in done.stderr, done.stderr[-3000:]  # Dynamo's warning: a cache it traces through
