@@ -109,3 +109,25 @@ def test_hand_over(row):
 @pytest.mark.parametrize("backend", kernel_backends(OP))
 def test_head_dim_past_a_declared_limit(backend):
     check_sized_route(make("one-prompt-D40", head_dim=320), backend, {"head_dim": 320})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", ["shared-prompts-M5-D32", "per-sample-prompts-M17-D24", "one-prompt-D40"])
+def test_cpp_fused_segments_are_the_concatenation(shape, dtype):
+    """cpp's fused VPT-deep attention (ATen's cuDNN / FlashAttention over [prompt; token] keys and
+    values) builds the concatenation as 8-byte words where the layout allows: bit for bit torch.cat's,
+    on the strided q/k/v views of one projection, with shared and per-sample prompts; layouts that
+    do not allow it (a head dim whose rows are not whole words, an offset view) take torch.cat."""
+    cpp = pytest.importorskip("svpt_kernels.cpp")
+    if cpp.why_unusable() is not None:
+        pytest.skip(cpp.why_unusable())
+    case = rounded(make(shape), dtype)
+    q, k, v, pk, pv = (case.inputs[n] for n in NAMES)
+    batch = q.shape[0]
+    for prompts, tokens in ((pk, k), (pv, v), (pk[..., 1:], k[..., 1:]), (pk[..., :3], k[..., :3])):
+        want = torch.cat([prompts.expand(batch, -1, -1, -1), tokens], 1)
+        got = cpp._cat_rows(prompts.expand(batch, -1, -1, -1), tokens)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    words = cpp._as_words(k)
+    assert (words is not None) == (k.element_size() < 8), "16- and 32-bit rows of whole words go as words"
+    assert cpp._as_words(k[..., 1:]) is None
