@@ -23,7 +23,8 @@ if they are not there.
 
 Prints the tables and writes them to the given file, with the command and the versions.
 ``--skip-compiled`` / ``--only-compiled`` split the run (each compiled configuration compiles a
-ViT-B training step: about a minute).
+ViT-B training step: about a minute). ``--no-cudnn-attention`` turns torch's cuDNN attention off
+first, so cpp's 16-bit VPT-deep attention runs FlashAttention (the A/B of the two, in two processes).
 """
 from __future__ import annotations
 
