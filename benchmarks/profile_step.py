@@ -39,9 +39,10 @@ CONFIGS = {
     "svpt50-eager": (lambda: svpt.prompt(vit(), "svpt", 50), "eager", True),
     "plain-svpt50": (lambda: PlainSVPT(vit(), 50), "eager", True),
 }
-# Kernel kinds by name fragment, first match wins (svpt's own Triton kernels by exact name).
-KINDS = (("gemm", ("gemm", "cutlass", "xmma", "nvjet", "wgmma", "sm90")),
-         ("sdpa attention", ("flash", "fmha", "cudnn")),
+# Kernel kinds by name fragment, first match wins (svpt's own Triton kernels by exact name);
+# attention first: cuDNN's attention kernels' names also carry "sm90" and "wgmma".
+KINDS = (("sdpa attention", ("flash", "fmha", "sdpa")),
+         ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "wgmma", "sm90")),
          ("inductor triton", ("triton_",)),
          ("layer norm", ("layer_norm",)),
          ("softmax", ("softmax",)),
