@@ -329,16 +329,16 @@ def _segments(q, k, v, prompt_k, prompt_v):
     return k_all.transpose(1, 2), v_all.transpose(1, 2)
 
 
-_WORD = torch.int64
+_WORD, _WORD_BYTES = torch.int64, 8
 
 
 def _as_words(t: torch.Tensor) -> torch.Tensor | None:
     """``t`` viewed as 8-byte words along its last dim (the same bytes), or None where its layout
     does not allow it."""
-    size, word = t.element_size(), torch.empty((), dtype=_WORD).element_size()
-    if size >= word or t.stride(-1) != 1 or (t.shape[-1] * size) % word or t.data_ptr() % word:
+    size = t.element_size()
+    if size >= _WORD_BYTES or t.stride(-1) != 1 or (t.shape[-1] * size) % _WORD_BYTES or t.data_ptr() % _WORD_BYTES:
         return None
-    if any((stride * size) % word for stride in t.stride()[:-1]):
+    if any((stride * size) % _WORD_BYTES for stride in t.stride()[:-1]):
         return None
     return t.view(_WORD)
 
