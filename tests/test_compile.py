@@ -64,7 +64,6 @@ def test_fused_apply_selects_the_backend(backend):
         svpt.set_backend(previous)
 
 
-
 def test_cpp_host_checks_are_constants_to_torch_compile(monkeypatch):
     """The cpp backend's checks of the extension and the GPU (CUDA kernels built, and for this GPU?
     which of ATen's fused attention kernels?) run inside the forward torch.compile traces. They ask the
@@ -83,7 +82,8 @@ def test_cpp_host_checks_are_constants_to_torch_compile(monkeypatch):
     monkeypatch.setattr(cpp, "_WHY_NOT_CUDA", {})  # the faked GPU's answers stay out of the real caches
     monkeypatch.setattr(cpp, "_FUSED_KV_KERNELS", {})
     want = checks(torch.zeros(1)).item()
-    cpp._WHY_NOT_CUDA.clear(), cpp._FUSED_KV_KERNELS.clear()  # first asked while tracing, as in a fresh process
+    cpp._WHY_NOT_CUDA.clear()  # first asked while tracing, as in a fresh process
+    cpp._FUSED_KV_KERNELS.clear()
     got = torch.compile(checks, fullgraph=True, backend="eager")(torch.zeros(1))
     torch._dynamo.reset()
     assert got.item() == want
