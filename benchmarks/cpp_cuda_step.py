@@ -22,7 +22,7 @@ if they are not there.
    1.05x of its memory.
 
 Prints the tables and writes them to the given file, with the command and the versions.
-``--skip-compiled`` / ``--only-compiled`` split the run (each compiled configuration compiles a
+``--methods`` takes a subset; ``--skip-compiled`` / ``--only-compiled`` split the run (each compiled configuration compiles a
 ViT-B training step: about a minute). ``--no-cudnn-attention`` turns torch's cuDNN attention off
 first, so cpp's 16-bit VPT-deep attention runs FlashAttention (the A/B of the two, in two processes).
 """
@@ -221,10 +221,16 @@ def main() -> None:
     mode.add_argument("--skip-compiled", action="store_true", help="only the not-compiled steps")
     mode.add_argument("--only-compiled", action="store_true", help="only the compiled steps")
     parser.add_argument("--skip-ops", action="store_true", help="no op correctness check")
+    parser.add_argument("--methods", default=",".join(m for m, _ in METHODS),
+                        help="comma-separated subset of " + ", ".join(m for m, _ in METHODS))
     parser.add_argument("--no-cudnn-attention", action="store_true",
                         help="turn torch's cuDNN attention off first (torch.backends.cuda.enable_cudnn_sdp(False)), "
                              "so that cpp's VPT-deep runs FlashAttention: the A/B of the two ATen kernels")
     args = parser.parse_args()
+    methods = [(m, n) for m, n in METHODS if m in args.methods.split(",")]
+    unknown = set(args.methods.split(",")) - {m for m, _ in METHODS}
+    if unknown or not methods:
+        parser.error(f"--methods: unknown {sorted(unknown)}; accepted: {', '.join(m for m, _ in METHODS)}")
     if args.no_cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)
     from svpt_kernels import cpp
@@ -246,7 +252,7 @@ def main() -> None:
     modes = [c for c in (False, True) if not (c and args.skip_compiled) and not (not c and args.only_compiled)]
     rows = []
     for compiled in modes:
-        for method, num_prompts in METHODS:
+        for method, num_prompts in methods:
             rows += measure_method(method, num_prompts, compiled, args)
             print(f"  measured {method} ({'compiled' if compiled else 'eager-mode'})", flush=True)
     lines += ["", f"2. training step, ViT-B/16, batch {args.batch}, bf16 autocast; median of {args.iters} "

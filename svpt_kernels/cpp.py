@@ -31,6 +31,8 @@ import os
 
 import torch
 
+from svpt_kernels import traced
+
 __all__ = ["AUTO_DEVICE_TYPES", "FAST_PATHS", "PREFER", "SUPPORTS", "ae_update", "attention_saliency", "build_info",
            "da_mix", "folded_cross_attention", "prompt_attention", "prompt_kv_attention", "why_unusable"]
 
@@ -320,12 +322,12 @@ class _PromptKVAttention(torch.autograd.Function):
         return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None)
 
 
-def _segments(q, k, v, prompt_k, prompt_v):
+def _segments(q, k, v, prompt_k, prompt_v, words: bool):
     """[prompt_k; k] and [prompt_v; v] in SDPA's [B, H, T, D] layout (the prompt segment expanded
     over the batch)."""
     batch = q.shape[0]
-    k_all = _cat_rows(prompt_k.expand(batch, -1, -1, -1), k)
-    v_all = _cat_rows(prompt_v.expand(batch, -1, -1, -1), v)
+    k_all = _cat_rows(prompt_k.expand(batch, -1, -1, -1), k, words)
+    v_all = _cat_rows(prompt_v.expand(batch, -1, -1, -1), v, words)
     return k_all.transpose(1, 2), v_all.transpose(1, 2)
 
 
@@ -343,15 +345,66 @@ def _as_words(t: torch.Tensor) -> torch.Tensor | None:
     return t.view(_WORD)
 
 
-def _cat_rows(prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """``torch.cat([prompts, tokens], 1)``, copied as 8-byte words where both layouts allow it (bit-exact).
-    The token rows are strided views of qkv, for which ATen's cat copies element by element: with
-    16-bit elements those concatenations took 8.5 ms of cpp's 43.2 ms VPT-deep step on an H100
-    (benchmarks/results/profile_vpt_deep_cpp_h100.txt). Inductor writes its own cat when compiling."""
-    words = None if torch.compiler.is_compiling() else (_as_words(prompts), _as_words(tokens))
-    if words is None or None in words:
+def _cat_rows(prompts: torch.Tensor, tokens: torch.Tensor, words: bool) -> torch.Tensor:
+    """``torch.cat([prompts, tokens], 1)``, copied as 8-byte words where ``words`` and both layouts
+    allow it (bit-exact). The token rows are strided views of qkv, for which ATen's cat copies
+    element by element: with 16-bit elements those concatenations took 8.5 ms of cpp's 43.2 ms
+    VPT-deep step on an H100 (benchmarks/results/profile_vpt_deep_cpp_h100.txt). Fake tensors
+    (``words`` False) have no addresses to check."""
+    pair = (_as_words(prompts), _as_words(tokens)) if words else (None,)
+    if None in pair:
         return torch.cat([prompts, tokens], dim=1)
-    return torch.cat(words, dim=1).view(tokens.dtype)
+    return torch.cat(pair, dim=1).view(tokens.dtype)
+
+
+def _fused_kv_fwd(q, k, v, prompt_k, prompt_v, scale: float, kernel: str, words: bool = True):
+    """ATen's fused attention of q over [prompt; token] keys and values: (out, lse, seed, offset),
+    out in ATen's [B, H, T, D] view."""
+    k_all, v_all = _segments(q, k, v, prompt_k, prompt_v, words)
+    attend = (torch.ops.aten._scaled_dot_product_cudnn_attention if kernel == "cudnn"
+              else torch.ops.aten._scaled_dot_product_flash_attention)
+    extra = (None, True) if kernel == "cudnn" else ()  # cuDNN's attention bias and its log-sum-exp flag
+    out, lse, _, _, _, _, seed, offset, _ = attend(q.transpose(1, 2), k_all, v_all, *extra, 0.0, False, False,
+                                                   scale=scale)
+    return out, lse, seed, offset
+
+
+def _fused_kv_bwd(grad_out, q, k, v, prompt_k, prompt_v, out, lse, seed, offset, scale: float, kernel: str,
+                  words: bool = True):
+    """The gradients of q and of the concatenated keys and values (rebuilt here), in ATen's [B, H, T, D]
+    views."""
+    k_all, v_all = _segments(q, k, v, prompt_k, prompt_v, words)
+    rows_q, rows_k = q.shape[1], k_all.shape[2]
+    grad = grad_out.transpose(1, 2)
+    if kernel == "cudnn":  # cuDNN wants the output gradient laid out as the output
+        grad = grad if grad.stride() == out.stride() else torch.empty_like(out).copy_(grad)
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            grad, q.transpose(1, 2), k_all, v_all, out, lse, seed, offset, None, None, None, rows_q, rows_k,
+            0.0, False, scale=scale)
+    grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        grad, q.transpose(1, 2), k_all, v_all, out, lse, None, None, rows_q, rows_k, 0.0, False, seed, offset,
+        scale=scale)
+
+
+# Opaque to torch.compile: traced through, AOTAutograd's partitioner merged the backward's rebuilt
+# keys/values with the forward's (the same cat) and saved them for backward, 1.09 GiB more memory
+# in the compiled VPT-deep step than Triton's (benchmarks/results/cpp_cuda_step_vpt_deep_h100.txt).
+# Plain eager calls skip the custom-op dispatch (host time; see svpt_kernels.triton._common.define_op).
+_FUSED_KV_FWD = torch.library.custom_op(
+    "svpt_cpp::fused_kv_attention_fwd", _fused_kv_fwd, mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor prompt_k, Tensor prompt_v, float scale, str kernel) "
+           "-> (Tensor, Tensor, Tensor, Tensor)")
+_FUSED_KV_BWD = torch.library.custom_op(
+    "svpt_cpp::fused_kv_attention_bwd", _fused_kv_bwd, mutates_args=(),
+    schema="(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prompt_k, Tensor prompt_v, Tensor out, "
+           "Tensor lse, Tensor seed, Tensor offset, float scale, str kernel) -> (Tensor, Tensor, Tensor)")
+_FUSED_KV_FWD.register_fake(lambda *args: _fused_kv_fwd(*args, words=False))
+_FUSED_KV_BWD.register_fake(lambda *args: _fused_kv_bwd(*args, words=False))
+
+
+def _call_fused_kv(op, fn, *args):
+    return op(*args) if traced(*args) else fn(*args)
 
 
 class _FusedKVAttention(torch.autograd.Function):
@@ -363,35 +416,18 @@ class _FusedKVAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, prompt_k, prompt_v, scale, kernel):
-        k_all, v_all = _segments(q, k, v, prompt_k, prompt_v)
-        if kernel == "cudnn":
-            out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
-                q.transpose(1, 2), k_all, v_all, None, True, 0.0, False, False, scale=scale)
-        else:
-            out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
-                q.transpose(1, 2), k_all, v_all, 0.0, False, False, scale=scale)
+        out, lse, seed, offset = _call_fused_kv(_FUSED_KV_FWD, _fused_kv_fwd, q, k, v, prompt_k, prompt_v, scale,
+                                                kernel)
         ctx.save_for_backward(q, k, v, prompt_k, prompt_v, out, lse, seed, offset)
-        ctx.rest = (cum_q, cum_k, max_q, max_k, scale, kernel)
+        ctx.scale, ctx.kernel = scale, kernel
         return out.transpose(1, 2)
 
     @staticmethod
     @_first_order("prompt_kv_attention")
     def backward(ctx, grad_out):
-        q, k, v, prompt_k, prompt_v, out, lse, seed, offset = ctx.saved_tensors
-        cum_q, cum_k, max_q, max_k, scale, kernel = ctx.rest
-        k_all, v_all = _segments(q, k, v, prompt_k, prompt_v)
-        grad = grad_out.transpose(1, 2)
-        if kernel == "cudnn":  # cuDNN wants the output gradient laid out as the output
-            grad = grad if grad.stride() == out.stride() else torch.empty_like(out).copy_(grad)
-            dq, dk_all, dv_all = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-                grad, q.transpose(1, 2), k_all, v_all, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k,
-                0.0, False, scale=scale)
-        else:
-            grad = grad if grad.stride(-1) == 1 else grad.contiguous()
-            dq, dk_all, dv_all = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-                grad, q.transpose(1, 2), k_all, v_all, out, lse, cum_q, cum_k, max_q, max_k, 0.0, False, seed,
-                offset, scale=scale)
-        dq, dk_all, dv_all = (t.transpose(1, 2) for t in (dq, dk_all, dv_all))
+        dq, dk_all, dv_all = (t.transpose(1, 2) for t in _call_fused_kv(
+            _FUSED_KV_BWD, _fused_kv_bwd, grad_out, *ctx.saved_tensors, ctx.scale, ctx.kernel))
+        q, prompt_k = ctx.saved_tensors[0], ctx.saved_tensors[3]
         prompts = prompt_k.shape[1]
         batch_1 = prompt_k.shape[0] == 1 and q.shape[0] != 1
 

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from svpt_kernels import traced
+
 # Read once, like @triton.jit does: kernels decorated before the variable is set stay compiled.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -21,8 +23,6 @@ USE_TRITON_OP = (hasattr(torch.library, "triton_op") and hasattr(torch.library, 
 
 # Set while define_op's eager path runs an op body (thread-local: autograd's device threads).
 _eager = threading.local()
-
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -45,8 +45,7 @@ def define_op(name: str, fake: Callable, mutates_args: tuple[str, ...] = ()) -> 
 
         @functools.wraps(fn)
         def call(*args):
-            if torch.compiler.is_compiling() or not all(
-                    type(a) in _PLAIN_TENSORS for a in args if isinstance(a, torch.Tensor)):
+            if traced(*args):
                 return op(*args)
             previous, _eager.direct = getattr(_eager, "direct", False), True
             try:

@@ -126,8 +126,45 @@ def test_cpp_fused_segments_are_the_concatenation(shape, dtype):
     batch = q.shape[0]
     for prompts, tokens in ((pk, k), (pv, v), (pk[..., 1:], k[..., 1:]), (pk[..., :3], k[..., :3])):
         want = torch.cat([prompts.expand(batch, -1, -1, -1), tokens], 1)
-        got = cpp._cat_rows(prompts.expand(batch, -1, -1, -1), tokens)
+        got = cpp._cat_rows(prompts.expand(batch, -1, -1, -1), tokens, words=True)
         assert got.dtype == want.dtype and torch.equal(got, want)
     words = cpp._as_words(k)
     assert (words is not None) == (k.element_size() < 8), "16- and 32-bit rows of whole words go as words"
     assert cpp._as_words(k[..., 1:]) is None
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+def test_cpp_fused_keeps_no_concatenation_for_backward_when_traced(kernel):
+    """Traced for torch.compile (AOTAutograd with the min-cut partitioner inductor uses, on meta
+    tensors: the partition needs no GPU), cpp's fused VPT-deep attention keeps for backward what its
+    eager form keeps: the inputs, the output and the log-sum-exp, never the [prompt; token] keys and
+    values (the partitioner had merged the backward's rebuilt concatenation with the forward's and
+    kept it: 1.09 GiB more memory in a compiled ViT-B/16 step)."""
+    cpp = pytest.importorskip("svpt_kernels.cpp")
+    if kernel == "cudnn" and not cpp._has_cudnn_attention_ops():
+        pytest.skip("this torch has no cuDNN attention ops of the signature cpp calls")
+    from functorch.compile import aot_function, make_boxed_func, min_cut_rematerialization_partition
+    batch, tokens, prompts, heads, dim = 2, 9, 3, 4, 64
+    graphs = {}
+
+    def keep(name):
+        def compiler(graph, _):
+            graphs[name] = graph
+            return make_boxed_func(graph)
+        return compiler
+
+    def attend(qkv, prompt_k, prompt_v):
+        q, k, v = qkv.unbind(2)
+        return cpp._FusedKVAttention.apply(q, k, v, prompt_k, prompt_v, dim ** -0.5, kernel)
+
+    qkv = torch.empty(batch, tokens, 3, heads, dim, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    pk, pv = (torch.empty(1, prompts, heads, dim, device="meta", dtype=torch.bfloat16, requires_grad=True)
+              for _ in range(2))
+    traced = aot_function(attend, fw_compiler=keep("forward"), bw_compiler=keep("backward"),
+                          partition_fn=min_cut_rematerialization_partition)
+    traced(qkv, pk, pv).sum().backward()
+    (outputs,) = [node.args[0] for node in graphs["forward"].graph.nodes if node.op == "output"]
+    kept = [tuple(node.meta["val"].shape) for node in outputs[1:]]  # what the forward keeps for backward
+    assert kept and all(tokens + prompts not in shape for shape in kept), kept
+    called = {str(node.target) for name in graphs for node in graphs[name].graph.nodes}
+    assert {"svpt_cpp.fused_kv_attention_fwd.default", "svpt_cpp.fused_kv_attention_bwd.default"} <= called, called
