@@ -62,6 +62,7 @@ ROWS = {  # name -> (factory(img, M), svpt backend: None = --backend)
 # kernel also while torch.compile traces (its "compiling" PREFER rules dropped), for the A/B of those rules.
 HAND_OVERS = {
     "vpt-deep-sdpa-kv": ("vpt-deep", {"prompt_kv_attention": "sdpa"}),
+    "vpt-deep-split": ("vpt-deep", {"prompt_kv_attention": "split"}),
     "cvpt-own-kernels": ("cvpt", {"folded_cross_attention": None}),
 }
 # Rows compiled with Inductor options: row -> (the row it changes, torch.compile(options=...)).

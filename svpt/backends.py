@@ -22,7 +22,7 @@ declares, as plain data (kernel modules never import :mod:`svpt`):
 ``AUTO_DEVICE_TYPES`` and ``why_unusable(device)``
     where ``"auto"`` may pick it, and ``None`` or why it cannot run here.
 
-Besides the selectable backends there are *providers* (``sdpa``, ``fusible``): implementations of a
+Besides the selectable backends there are *providers* (``sdpa``, ``fusible``, ``split``): implementations of a
 few ops that a backend's ``PREFER`` may name; they cannot be selected on their own.
 
 Select with ``svpt.set_backend(name)``, ``with svpt.backend(name):`` or ``SVPT_BACKEND``; the default
@@ -116,6 +116,9 @@ register_backend("triton", "svpt_kernels.triton", "Triton kernels: row-local DA 
                  "flash attention, the fast paths")
 register_backend("cpp", "svpt_kernels.cpp", "C++/CUDA extension (csrc/)")
 register_backend("sdpa", "svpt.sdpa", "PyTorch's scaled_dot_product_attention (cuDNN / FlashAttention)",
+                 selectable=False)
+register_backend("split", "svpt_kernels.triton.prompt_kv_split", "VPT-deep attention split in two: ATen's fused "
+                 "attention over the token keys, Triton kernels for the prompt keys, merged by log-sum-exp",
                  selectable=False)
 register_backend("fusible", "svpt.fusible", "plain PyTorch ops that torch.compile fuses with their neighbours",
                  selectable=False)

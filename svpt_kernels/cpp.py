@@ -31,7 +31,7 @@ import os
 
 import torch
 
-from svpt_kernels import traced
+from svpt_kernels import aten_attention, traced
 
 __all__ = ["AUTO_DEVICE_TYPES", "FAST_PATHS", "PREFER", "SUPPORTS", "ae_update", "attention_saliency", "build_info",
            "da_mix", "folded_cross_attention", "prompt_attention", "prompt_kv_attention", "why_unusable"]
@@ -43,9 +43,9 @@ _DTYPES = (torch.float32, torch.float64, *_HALF)  # half types: float32 arithmet
 # measured on an H200 against the Triton backend, ViT-B/16 training step, batch 128, bf16, not
 # compiled / compiled: SVPT M=50 1.07x / 1.06x, CVPT M=10 1.04x / 0.97x, VPT-deep M=50 1.26x /
 # 1.04x (benchmarks/results/cpp_cuda_step_h200*.txt); cpp SVPT 44.6 ms, eager SVPT 86.8 ms (another
-# run: token_floor_h200_eager.txt). With cuDNN's attention for VPT-deep's fast path (was
-# FlashAttention's), on an H100, not compiled: VPT-deep 1.19x, SVPT 1.06x, CVPT 1.05x
-# (cpp_cuda_step_h100.txt).
+# run: token_floor_h200_eager.txt). With cuDNN's attention and word-wise concatenation for VPT-deep's
+# fast path, on an H100, not compiled / compiled: SVPT 0.99x / 1.08x, VPT-deep 1.14x / 1.07x, CVPT
+# 1.05x / 1.05x (cpp_cuda_step_h100_custom_op.txt).
 AUTO_DEVICE_TYPES = ("cpu", "cuda")
 # The fast paths the methods use on this backend, per device type (svpt.backends.has_fast_path).
 # CPU: both measured faster than the plain path, training step of ViT-Tiny/16 at 224, batch 32,
@@ -361,12 +361,7 @@ def _fused_kv_fwd(q, k, v, prompt_k, prompt_v, scale: float, kernel: str, words:
     """ATen's fused attention of q over [prompt; token] keys and values: (out, lse, seed, offset),
     out in ATen's [B, H, T, D] view."""
     k_all, v_all = _segments(q, k, v, prompt_k, prompt_v, words)
-    attend = (torch.ops.aten._scaled_dot_product_cudnn_attention if kernel == "cudnn"
-              else torch.ops.aten._scaled_dot_product_flash_attention)
-    extra = (None, True) if kernel == "cudnn" else ()  # cuDNN's attention bias and its log-sum-exp flag
-    out, lse, _, _, _, _, seed, offset, _ = attend(q.transpose(1, 2), k_all, v_all, *extra, 0.0, False, False,
-                                                   scale=scale)
-    return out, lse, seed, offset
+    return aten_attention.forward(q.transpose(1, 2), k_all, v_all, scale, kernel)
 
 
 def _fused_kv_bwd(grad_out, q, k, v, prompt_k, prompt_v, out, lse, seed, offset, scale: float, kernel: str,
@@ -374,17 +369,8 @@ def _fused_kv_bwd(grad_out, q, k, v, prompt_k, prompt_v, out, lse, seed, offset,
     """The gradients of q and of the concatenated keys and values (rebuilt here), in ATen's [B, H, T, D]
     views."""
     k_all, v_all = _segments(q, k, v, prompt_k, prompt_v, words)
-    rows_q, rows_k = q.shape[1], k_all.shape[2]
-    grad = grad_out.transpose(1, 2)
-    if kernel == "cudnn":  # cuDNN wants the output gradient laid out as the output
-        grad = grad if grad.stride() == out.stride() else torch.empty_like(out).copy_(grad)
-        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            grad, q.transpose(1, 2), k_all, v_all, out, lse, seed, offset, None, None, None, rows_q, rows_k,
-            0.0, False, scale=scale)
-    grad = grad if grad.stride(-1) == 1 else grad.contiguous()
-    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        grad, q.transpose(1, 2), k_all, v_all, out, lse, None, None, rows_q, rows_k, 0.0, False, seed, offset,
-        scale=scale)
+    return aten_attention.backward(grad_out.transpose(1, 2), q.transpose(1, 2), k_all, v_all, out, lse, seed,
+                                   offset, scale, kernel)
 
 
 # Opaque to torch.compile: traced through, AOTAutograd's partitioner merged the backward's rebuilt
@@ -437,41 +423,6 @@ class _FusedKVAttention(torch.autograd.Function):
         return dq, dk_all[:, prompts:], dv_all[:, prompts:], prompt_grad(dk_all), prompt_grad(dv_all), None, None
 
 
-def _has_cudnn_attention_ops() -> bool:
-    """Whether this torch has ATen's cuDNN attention ops with the signatures called above (torch >= 2.5;
-    older releases had others)."""
-    ops = [getattr(torch.ops.aten, name, None) for name in
-           ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward")]
-    return all(op is not None and "attn_bias" in [a.name for a in op.default._schema.arguments] for op in ops)
-
-
-_FUSED_KV_KERNELS: dict[int | None, tuple[str, ...]] = {}  # per GPU index
-_FUSED_KV_MAX_HEAD_DIM = {"cudnn": 128, "flash": 256}
-
-
-@torch.compiler.assume_constant_result  # asked by each traced call: a fact of the process, like _why_not_cuda
-def _fused_kv_kernels(index: int | None) -> tuple[str, ...]:
-    """ATen's fused attention kernels usable for 16-bit prompt_kv_attention on GPU ``index``, preferred
-    first: ``"cudnn"`` on Hopper and newer where torch has cuDNN's attention enabled (torch's own SDPA
-    picks it first there, and it is what SDPA runs for the other attention of these steps), then
-    ``"flash"`` on sm80 and newer where torch was built with FlashAttention."""
-    if index not in _FUSED_KV_KERNELS:
-        capability = torch.cuda.get_device_capability(index)
-        cudnn = (capability >= (9, 0) and torch.backends.cudnn.is_available() and _has_cudnn_attention_ops()
-                 and getattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: False)())
-        flash = (getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)()
-                 and capability >= (8, 0))
-        _FUSED_KV_KERNELS[index] = ("cudnn",) * cudnn + ("flash",) * flash
-    return _FUSED_KV_KERNELS[index]
-
-
-def _fused_kv_for(index: int | None, head_dim: int) -> str | None:
-    """The first usable fused kernel on GPU ``index`` that takes heads of ``head_dim`` (multiples of 8)."""
-    if head_dim % 8:
-        return None
-    return next((k for k in _fused_kv_kernels(index) if head_dim <= _FUSED_KV_MAX_HEAD_DIM[k]), None)
-
-
 def fused_kv_kernel(device: torch.device | str, head_dim: int = 64) -> str | None:
     """Which ATen kernel runs 16-bit prompt_kv_attention with heads of ``head_dim`` on ``device``
     (``"cudnn"``, ``"flash"``: multiples of 8, up to 128 and 256), or ``None`` where this extension's
@@ -479,7 +430,7 @@ def fused_kv_kernel(device: torch.device | str, head_dim: int = 64) -> str | Non
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    return _fused_kv_for(device.index, head_dim)
+    return aten_attention.kernel_for(device, torch.bfloat16, head_dim)
 
 
 def prompt_kv_attention(q, k, v, prompt_k, prompt_v, scale):
@@ -489,7 +440,7 @@ def prompt_kv_attention(q, k, v, prompt_k, prompt_v, scale):
     dtype = _promoted(q, k, v, prompt_k, prompt_v)
     kdt = _kernel_dtype(dtype, q.device)
     tensors = [t.to(kdt) for t in (q, k, v, prompt_k, prompt_v)]
-    fused = _fused_kv_for(q.device.index, q.shape[-1]) if q.is_cuda and kdt in _HALF else None
+    fused = aten_attention.kernel_for(q.device, kdt, q.shape[-1]) if q.is_cuda else None
     if fused is not None:
         tensors = [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
         return _FusedKVAttention.apply(*tensors, float(scale), fused)

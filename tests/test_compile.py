@@ -71,19 +71,21 @@ def test_cpp_host_checks_are_constants_to_torch_compile(monkeypatch):
     (on an H100 every cpp model failed to compile: benchmarks/results/test_compile_gpu_h100.txt), so
     the compiler must take their answers as the constants they are. An sm90 GPU is faked for the choice
     of attention kernel (torch.cuda stays unavailable: Dynamo itself asks it)."""
-    from svpt_kernels import cpp
+    from svpt_kernels import aten_attention, cpp
     if cpp.why_unusable() is not None:
         pytest.skip(f"the C++ extension is not usable here: {cpp.why_unusable()}")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    gpu = torch.device("cuda", 0)
 
     def checks(x):
-        return x + len(cpp.why_unusable(torch.device("cuda", 0)) or "") + len(cpp._fused_kv_for(0, 64) or "")
+        return (x + len(cpp.why_unusable(gpu) or "")
+                + len(aten_attention.kernel_for(gpu, torch.bfloat16, 64) or ""))
 
     monkeypatch.setattr(cpp, "_WHY_NOT_CUDA", {})  # the faked GPU's answers stay out of the real caches
-    monkeypatch.setattr(cpp, "_FUSED_KV_KERNELS", {})
+    monkeypatch.setattr(aten_attention, "_KERNELS", {})
     want = checks(torch.zeros(1)).item()
     cpp._WHY_NOT_CUDA.clear()  # first asked while tracing, as in a fresh process
-    cpp._FUSED_KV_KERNELS.clear()
+    aten_attention._KERNELS.clear()
     got = torch.compile(checks, fullgraph=True, backend="eager")(torch.zeros(1))
     torch._dynamo.reset()
     assert got.item() == want

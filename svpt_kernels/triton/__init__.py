@@ -50,6 +50,9 @@ SUPPORTS = {
 # compiled (37.06 vs 34.01 ms per VPT-deep M=50 step, ViT-B/16, batch 128, bf16, H200), 2% faster
 # compiled (28.50 vs 29.09 ms) and 18% more memory either way (7.25 vs 6.17 GiB), since it stores
 # the prompt keys and values once per sample (benchmarks/results/token_floor_vpt_deep_kv_h200.txt).
+# The split provider (prompt_kv_split.py: ATen's attention over the token keys alone, Triton kernels
+# for the prompt keys, merged by log-sum-exp; no concatenation) is not preferred here: it has not
+# been timed on a GPU yet (token_floor.py's vpt-deep-split row).
 # While torch.compile traces a forward on CUDA, CVPT's fold runs as plain PyTorch (svpt.fusible: two
 # products and a softmax), which Inductor fuses with the block's residual add and LayerNorms: compiled
 # CVPT M=10 step, ViT-B/16, batch 128, bf16, H100: 33.31 ms against 35.02 with the fused kernel

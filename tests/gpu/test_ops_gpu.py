@@ -65,6 +65,17 @@ def test_sdpa_provider_at_vit_b16(shape, dtype):
     report(f"prompt_attention {shape} on sdpa in {dtype}", errors)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", list(test_prompt_kv_attention.VIT_B16))
+def test_split_provider_at_vit_b16(shape, dtype):
+    """VPT-deep's attention split (ATen's cuDNN / FlashAttention over the token keys, given the merged
+    output and log-sum-exp in backward; Triton kernels for the prompt keys)."""
+    from svpt_kernels.triton import prompt_kv_split
+    errors = opcheck.check(test_prompt_kv_attention.make(shape), "split", "cuda", dtype,
+                           floors=test_prompt_kv_attention.FLASH, provider=prompt_kv_split.prompt_kv_attention)
+    report(f"prompt_kv_attention {shape} on split in {dtype}", errors)
+
+
 def share(got: torch.Tensor, want: torch.Tensor, k: int) -> float:
     """The share of ``got``'s top-k patches (per sample) that are ``want``'s too."""
     hits = torch.zeros(got.shape, dtype=torch.bool, device=got.device)
@@ -109,3 +120,23 @@ def test_cpp_vpt_deep_attention_runs_the_kernel_sdpa_would_choose():
     choice = int(torch._fused_sdp_choice(q, q, q))
     expected = {int(SDPBackend.CUDNN_ATTENTION.value): "cudnn", int(SDPBackend.FLASH_ATTENTION.value): "flash"}
     assert cpp.fused_kv_kernel("cuda") == expected.get(choice), (choice, cpp.fused_kv_kernel("cuda"))
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+def test_cpp_fused_kv_ops_pass_opcheck(kernel):
+    """The two ops cpp registers in Python for its fused VPT-deep attention (opaque to torch.compile;
+    tests/test_cpp_autograd.py opchecks the extension's own on CPU): schema, fake kernels against the
+    real ones (shapes and strides of every output), and tracing, at ViT-B/16's head sizes."""
+    from svpt_kernels import aten_attention, cpp  # noqa: F401  (cpp registers the ops)
+    if kernel not in aten_attention.kernels(torch.cuda.current_device()):
+        pytest.skip(f"ATen's {kernel} attention is not usable on this GPU or torch")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(4, 197, 3, 12, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q, k, v = qkv.unbind(2)
+    pk, pv = torch.randn(2, 1, 50, 12, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    args = (q, k, v, pk, pv, 0.125, kernel)
+    torch.library.opcheck(torch.ops.svpt_cpp.fused_kv_attention_fwd.default, args)
+    out, lse, seed, offset = torch.ops.svpt_cpp.fused_kv_attention_fwd(*args)
+    grad = torch.randn(4, 197, 12, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    torch.library.opcheck(torch.ops.svpt_cpp.fused_kv_attention_bwd.default,
+                          (grad, q, k, v, pk, pv, out, lse, seed, offset, 0.125, kernel))

@@ -141,7 +141,8 @@ def test_cpp_fused_keeps_no_concatenation_for_backward_when_traced(kernel):
     values (the partitioner had merged the backward's rebuilt concatenation with the forward's and
     kept it: 1.09 GiB more memory in a compiled ViT-B/16 step)."""
     cpp = pytest.importorskip("svpt_kernels.cpp")
-    if kernel == "cudnn" and not cpp._has_cudnn_attention_ops():
+    from svpt_kernels import aten_attention
+    if kernel == "cudnn" and not aten_attention.has_cudnn_ops():
         pytest.skip("this torch has no cuDNN attention ops of the signature cpp calls")
     from functorch.compile import aot_function, make_boxed_func, min_cut_rematerialization_partition
     batch, tokens, prompts, heads, dim = 2, 9, 3, 4, 64
@@ -168,3 +169,54 @@ def test_cpp_fused_keeps_no_concatenation_for_backward_when_traced(kernel):
     assert kept and all(tokens + prompts not in shape for shape in kept), kept
     called = {str(node.target) for name in graphs for node in graphs[name].graph.nodes}
     assert {"svpt_cpp.fused_kv_attention_fwd.default", "svpt_cpp.fused_kv_attention_bwd.default"} <= called, called
+
+
+def _split_dtypes(device: str) -> list:
+    """What the split provider computes: ATen's fused kernels take 16-bit on CUDA; on CPU its Triton
+    kernels run in the interpreter, whose bf16 products are wrong (fp32 and fp16 there)."""
+    return [torch.float16, torch.bfloat16] if device == "cuda" else [torch.float32, torch.float16]
+
+
+SPLIT_CASES = [pytest.param(device, dtype, shape, id=f"{device}-{str(dtype)[6:]}-{shape}")
+               for device in DEVICES for dtype in _split_dtypes(device) for shape in (*SHAPES, *LONG)]
+
+
+@pytest.mark.parametrize("device,dtype,shape", SPLIT_CASES)
+def test_split_provider_matches_float64_reference(device, dtype, shape):
+    """The split provider (ATen's fused attention over the token keys, Triton kernels for the prompt
+    keys, merged by log-sum-exp; benchmarks/token_floor.py's vpt-deep-split row), called directly."""
+    from svpt_kernels.triton import prompt_kv_split
+    check(make(shape), "split", device, dtype, floors=FLASH, provider=prompt_kv_split.prompt_kv_attention)
+
+
+@pytest.mark.parametrize("needed", [("prompt_k", "prompt_v"), ("q",), ("v", "prompt_v")], ids=str)
+def test_split_provider_with_some_gradients(needed):
+    """VPT-deep's first block asks only the prompts' gradients (its input is frozen): the backward
+    then runs the prompt kernel alone, without ATen's."""
+    from svpt_kernels.triton import prompt_kv_split
+    case = make("shared-prompts-M5-D32")
+    case.grads = needed
+    check(case, "split", "cpu", torch.float32, provider=prompt_kv_split.prompt_kv_attention)
+
+
+def test_split_provider_refuses_what_aten_cannot_run():
+    from svpt_kernels.triton import prompt_kv_split
+    q = torch.randn(1, 4, 1, 20)
+    with pytest.raises(ValueError, match="heads of 20"):
+        prompt_kv_split.prompt_kv_attention(q, q, q, q[:, :2], q[:, :2], 0.2)
+
+
+def test_split_provider_compiles_to_one_graph():
+    """torch.compile (fullgraph, AOTAutograd) through ATen's attention and the provider's ops, with
+    the eager gradients."""
+    from svpt_kernels.triton import prompt_kv_split
+    case = make("per-sample-prompts-M17-D24")
+    inputs = [case.inputs[n].float().requires_grad_() for n in NAMES]
+    twins = [t.detach().clone().requires_grad_() for t in inputs]
+    compiled = torch.compile(prompt_kv_split.prompt_kv_attention, backend="aot_eager", fullgraph=True)
+    grad = randn(torch.Generator().manual_seed(3), *case.inputs["q"].shape).float()
+    compiled(*inputs, *case.args).backward(grad)
+    prompt_kv_split.prompt_kv_attention(*twins, *case.args).backward(grad)
+    torch._dynamo.reset()
+    for a, b in zip(inputs, twins):
+        assert rel_err(a.grad, b.grad) < 1e-6
