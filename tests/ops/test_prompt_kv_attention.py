@@ -32,10 +32,12 @@ SHAPES = {
 LONG = {"vit-M50-T267": (2, 267, 2, 64, 1, 50)}  # past the kernels' 256-row tiles
 # tests/gpu/test_ops_gpu.py: the op at ViT-B/16's sizes (d 768, 12 heads of 64, N 196)
 VIT_B16 = {"vitb16-M50": (32, 197, 12, 64, 1, 50)}
+# the split provider's prompt gradients sum groups of samples: a batch that is no multiple of a group
+ODD_BATCH = {"odd-batch-M4-D8": (3, 7, 2, 8, 1, 4)}
 
 
 def make(name: str, seed: int = 0, head_dim: int | None = None) -> Case:
-    batch, tokens, heads, dim, prompt_batch, m = (SHAPES | LONG | VIT_B16)[name]
+    batch, tokens, heads, dim, prompt_batch, m = (SHAPES | LONG | VIT_B16 | ODD_BATCH)[name]
     dim = head_dim or dim
     gen = torch.Generator().manual_seed(seed + dim)
     q, k, v = (randn(gen, batch, tokens, heads, dim) for _ in range(3))
@@ -178,7 +180,7 @@ def _split_dtypes(device: str) -> list:
 
 
 SPLIT_CASES = [pytest.param(device, dtype, shape, id=f"{device}-{str(dtype)[6:]}-{shape}")
-               for device in DEVICES for dtype in _split_dtypes(device) for shape in (*SHAPES, *LONG)]
+               for device in DEVICES for dtype in _split_dtypes(device) for shape in (*SHAPES, *LONG, *ODD_BATCH)]
 
 
 @pytest.mark.parametrize("device,dtype,shape", SPLIT_CASES)
