@@ -253,8 +253,9 @@ def main() -> None:
     rows = []
     for compiled in modes:
         for method, num_prompts in methods:
-            rows += measure_method(method, num_prompts, compiled, args)
-            print(f"  measured {method} ({'compiled' if compiled else 'eager-mode'})", flush=True)
+            measured = measure_method(method, num_prompts, compiled, args)
+            rows += measured  # printed now too: a run stopped at a time limit keeps what it measured
+            print("\n".join(step_table(measured)[2:2 + len(measured)]), flush=True)
     lines += ["", f"2. training step, ViT-B/16, batch {args.batch}, bf16 autocast; median of {args.iters} "
               f"steps after {args.warmup} warm-up", *step_table(rows)]
     text = "\n".join(lines) + "\n"
