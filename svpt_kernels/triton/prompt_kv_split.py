@@ -18,12 +18,13 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from svpt_kernels import aten_attention
 
 from . import _common
 from ._common import define_op, launch, next_pow2
-from .prompt_attention import _LOG2E, _dot, common_dtype
+from .prompt_attention import _LOG2E, _dot, _kv_batch_stride, common_dtype
 
 __all__ = ["SUPPORTS", "prompt_kv_attention"]
 
@@ -137,7 +138,7 @@ def _sizes(q, prompt_k) -> dict:
 
 def _strides(t: torch.Tensor) -> tuple:
     """Outer strides of a [B, T, H, D] tensor; batch stride 0 for a batch-1 prompt segment."""
-    return (0 if t.shape[0] == 1 else t.stride(0)), t.stride(1), t.stride(2)
+    return _kv_batch_stride(t), t.stride(1), t.stride(2)
 
 
 def _merge_fake(q, prompt_k, prompt_v, out_t, lse_t, scale):
@@ -224,9 +225,8 @@ class PromptKVSplitFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
-        if torch.is_grad_enabled():
-            raise RuntimeError("prompt_kv_attention (split) has no second-order gradient")
         q, k, v, prompt_k, prompt_v, out, lse, seed, offset = ctx.saved_tensors
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
         if not any(ctx.needs_input_grad[:3]):  # VPT-deep's first block: only its prompts need a gradient
