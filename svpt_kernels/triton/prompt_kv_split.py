@@ -153,12 +153,18 @@ def _merge_op(q: torch.Tensor, prompt_k: torch.Tensor, prompt_v: torch.Tensor, o
     batch, tokens, heads, _ = q.shape
     lse_t = lse_t.contiguous()  # the kernels index it as [B, H, T]
     out, lse = torch.empty_like(out_t), torch.empty_like(lse_t)
-    block_m = 16 if _common.INTERPRET else 64
-    launch(_split_merge_kernel)[(triton.cdiv(tokens, block_m), batch * heads)](
+    cfg = _merge_config()
+    launch(_split_merge_kernel)[(triton.cdiv(tokens, cfg["BLOCK_M"]), batch * heads)](
         q, prompt_k, prompt_v, out_t, lse_t, out, lse, scale * _LOG2E, heads, tokens, prompt_k.shape[1],
-        *_strides(q), *_strides(prompt_k), *_strides(prompt_v), *_strides(out_t), BLOCK_M=block_m,
-        num_warps=1 if _common.INTERPRET else 4, **_sizes(q, prompt_k))
+        *_strides(q), *_strides(prompt_k), *_strides(prompt_v), *_strides(out_t), **cfg, **_sizes(q, prompt_k))
     return out, lse
+
+
+def _merge_config() -> dict:
+    """Query rows per program and warps of the merge kernel. Not yet timed on a GPU."""
+    if _common.INTERPRET:
+        return dict(BLOCK_M=16, num_warps=1)
+    return dict(BLOCK_M=64, num_warps=4)
 
 
 def _bwd_config(shared: bool, batch: int) -> dict:
