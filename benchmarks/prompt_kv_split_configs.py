@@ -18,13 +18,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fast_path_step import median_ms  # noqa: E402
+from prompt_attention_configs import BATCH, DIM, HEADS, PROMPTS, SCALE, TOKENS, pkv  # noqa: E402  the same shape
 from svpt_kernels import aten_attention  # noqa: E402
 
 split = importlib.import_module("svpt_kernels.triton.prompt_kv_split")
-pkv = importlib.import_module("svpt_kernels.triton.prompt_kv_attention")
-
-BATCH, TOKENS, PROMPTS, HEADS, DIM = 128, 197, 50, 12, 64
-SCALE = DIM ** -0.5
 
 
 def inputs():
