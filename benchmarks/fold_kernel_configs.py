@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from config_sweep import rank_configs  # noqa: E402
 from fast_path_step import median_ms  # noqa: E402
 
 fca = importlib.import_module("svpt_kernels.triton.folded_cross_attention")
@@ -48,22 +49,14 @@ def main() -> None:
         print(f"two d x d linears + residual (fwd) {median_ms(lambda: x + F.linear(F.linear(x, w), w), 30):.3f} ms")
     default = fca._config
     print(f"default: fwd {median_ms(fwd, 30):.3f} ms  bwd {median_ms(bwd, 30):.3f} ms")
-    results = []
-    for backward, (rows, warps, chunk, stages) in itertools.product(
-            (False, True), itertools.product((16, 32, 64, 128), (4, 8), (32, 64, 128), (1, 2, 3))):
-        cfg = dict(BLOCK_R=rows, BLOCK_K=chunk, BLOCK_D=chunk, num_warps=warps, num_stages=stages)
-        fca._config = lambda dtype, bw, cfg=cfg, default=default: cfg if bw == backward else default(dtype, bw)
-        try:
-            ms = median_ms(bwd if backward else fwd, 15)
-        except Exception as exc:  # out of shared memory / registers for this tile
-            ms = float("nan")
-            print(f"  {'bwd' if backward else 'fwd'} {cfg}: {type(exc).__name__}")
-        results.append(("bwd" if backward else "fwd", ms, cfg))
-    fca._config = default
-    for pass_ in ("fwd", "bwd"):
-        best = sorted((r for r in results if r[0] == pass_ and r[1] == r[1]), key=lambda r: r[1])[:6]
-        for _, ms, cfg in best:
-            print(f"{pass_} {ms:.3f} ms  {cfg}")
+    grid = [dict(BLOCK_R=rows, BLOCK_K=chunk, BLOCK_D=chunk, num_warps=warps, num_stages=stages)
+            for rows, warps, chunk, stages in itertools.product((16, 32, 64, 128), (4, 8), (32, 64, 128), (1, 2, 3))]
+    for backward in (False, True):
+        install = lambda cfg, backward=backward: setattr(  # noqa: E731
+            fca, "_config", lambda dtype, bw: cfg if bw == backward else default(dtype, bw))
+        rank_configs("bwd" if backward else "fwd", grid, install,
+                     lambda backward=backward: (median_ms(bwd if backward else fwd, 15), None), keep=6)
+        fca._config = default
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from config_sweep import rank_configs  # noqa: E402
 from fast_path_step import median_ms  # noqa: E402
 
 pa = importlib.import_module("svpt_kernels.triton.prompt_attention")
@@ -57,33 +58,17 @@ def main() -> None:
     fwd_cfg, bwd_cfgs = pa._config, pa._bwd_configs
     print(f"current: fwd {median_ms(fwd, 20):.3f} ms  bwd {median_ms(bwd, 20):.3f} ms  "
           f"({fwd_cfg(64, torch.bfloat16)}, {bwd_cfgs(64, torch.bfloat16)})", flush=True)
-    results = []
-    grid = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)))
-    for kernel in ("fwd", "dkdv", "dq"):
-        for block_m, block_n, warps, stages in grid:
-            cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-            if kernel == "fwd":
-                pa._config = lambda d, dt, cfg=cfg: dict(cfg)
-            elif kernel == "dkdv":
-                pa._bwd_configs = lambda d, dt, cfg=cfg: (dict(cfg), bwd_cfgs(d, dt)[1])
-            else:
-                pa._bwd_configs = lambda d, dt, cfg=cfg: (bwd_cfgs(d, dt)[0], dict(cfg))
-            try:
-                ms = median_ms(fwd if kernel == "fwd" else bwd, 10)
-                got = (fwd()[0], *bwd())
-                err = max(float((a.float() - b.float()).abs().max() / b.float().abs().max())
-                          for a, b in zip(got, expected))
-                if err > 1e-2:  # another tiling only reorders the sums: same values to bf16 rounding
-                    print(f"  {kernel} {cfg}: differs from the current blocks by {err:.2e}", flush=True)
-                    ms = float("nan")
-            except Exception as exc:  # out of shared memory / registers for this tile
-                ms = float("nan")
-                print(f"  {kernel} {cfg}: {type(exc).__name__}", flush=True)
-            results.append((kernel, ms, cfg))
-            pa._config, pa._bwd_configs = fwd_cfg, bwd_cfgs
-        best = sorted((r for r in results if r[0] == kernel and r[1] == r[1]), key=lambda r: r[1])[:5]
-        for _, ms, cfg in best:
-            print(f"{kernel} {'fwd' if kernel == 'fwd' else 'bwd'} {ms:.3f} ms  {cfg}", flush=True)
+    grid = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
+            for m, n, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))]
+    installs = {
+        "fwd": lambda cfg: setattr(pa, "_config", lambda d, dt: dict(cfg)),
+        "dkdv": lambda cfg: setattr(pa, "_bwd_configs", lambda d, dt: (dict(cfg), bwd_cfgs(d, dt)[1])),
+        "dq": lambda cfg: setattr(pa, "_bwd_configs", lambda d, dt: (bwd_cfgs(d, dt)[0], dict(cfg))),
+    }
+    for kernel, install in installs.items():
+        rank_configs(kernel, grid, install, lambda kernel=kernel: (
+            median_ms(fwd if kernel == "fwd" else bwd, 10), (fwd()[0], *bwd())), expected=expected)
+        pa._config, pa._bwd_configs = fwd_cfg, bwd_cfgs
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from config_sweep import rank_configs  # noqa: E402
 from fast_path_step import median_ms  # noqa: E402
 from prompt_attention_configs import BATCH, DIM, HEADS, PROMPTS, SCALE, TOKENS, pkv  # noqa: E402  the same shape
 from svpt_kernels import aten_attention  # noqa: E402
@@ -61,23 +62,8 @@ def part_times(tensors, grad, kernel) -> dict:
 def sweep(name, attr, grid, check):
     """Times ``check`` with split.<attr> replaced by each config of ``grid``; prints the best five."""
     current = getattr(split, attr)
-    expected = check()[1]
-    results = []
-    for cfg in grid:
-        setattr(split, attr, lambda *_, cfg=cfg: dict(cfg))
-        try:
-            ms, got = check()
-            err = max(float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(got, expected))
-            if err > 1e-2:  # another tiling only reorders the sums: same values to bf16 rounding
-                print(f"  {name} {cfg}: differs from the current config by {err:.2e}", flush=True)
-                ms = float("nan")
-        except Exception as exc:  # out of shared memory / registers for this tile
-            print(f"  {name} {cfg}: {type(exc).__name__}: {str(exc)[:80]}", flush=True)
-            ms = float("nan")
-        results.append((ms, cfg))
+    rank_configs(name, grid, lambda cfg: setattr(split, attr, lambda *_: dict(cfg)), check, expected=check()[1])
     setattr(split, attr, current)
-    for ms, cfg in sorted((r for r in results if r[0] == r[0]), key=lambda r: r[0])[:5]:
-        print(f"{name} {ms:.3f} ms  {cfg}", flush=True)
 
 
 def main() -> None:
