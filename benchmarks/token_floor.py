@@ -11,7 +11,8 @@ the frozen backbone with no prompts (one trainable token added), the token floor
 with the same M prompts through timm's blocks), timm VPT-deep with SDPA, a plain-PyTorch SVPT
 with SDPA, the research-code SVPT (svpt's eager backend: T x T probabilities), and svpt's SVPT,
 VPT-deep and CVPT on the selected backend. Ratios are taken inside
-this run. ``--profile`` adds each row's GPU kernel time per step, grouped (torch.profiler).
+this run. ``--profile`` adds each row's GPU kernel time per step by kernel (torch.profiler) and the GPU's
+idle time in the step: before its first kernel, and inside it by the kernel the GPU waited for.
 Rows asked for by name only (``--rows``) change one of those: a hand-over the backend does not
 declare (HAND_OVERS), or drops (``cvpt-own-kernels`` runs the fused fold kernel also where the backend
 hands it to svpt.fusible under torch.compile), or Inductor options (COMPILE_OPTIONS).
@@ -111,17 +112,44 @@ def make_step(model, images, labels, compiled: bool, options: dict | None = None
     return step
 
 
-def kernel_ms(step, steps: int = 5) -> dict[str, float]:
+MARK = "spin_kernel"  # torch.cuda._sleep's kernel: where each profiled step starts on the GPU
+
+
+def kernel_profile(step, steps: int = 5) -> dict:
+    """GPU kernel time per step by kernel, and the GPU's idle time per step: before the step's first
+    kernel (the host's prologue: guards, the first launches) and between kernels inside it, by the
+    kernel that ended the wait. Each step is synchronised, as in the timed loop."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
+            torch.cuda._sleep(1)  # noqa: SLF001  a marker kernel, launched just before the step
             step()
-        torch.cuda.synchronize()
-    out = {}
-    for evt in prof.key_averages():
-        dev = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
-        if evt.device_type == torch.autograd.DeviceType.CUDA and dev > 0:
-            out[evt.key] = dev / 1000 / steps
-    return out
+            torch.cuda.synchronize()
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    return gpu_timeline(spans, steps)
+
+
+def gpu_timeline(spans: list[tuple[float, float, str]], steps: int) -> dict:
+    """``kernel_profile``'s sums over GPU spans (start us, end us, name) sorted by start, each step's
+    led by a MARK kernel."""
+    kernels, waits = defaultdict(float), defaultdict(float)
+    idle_start = idle_inside = 0.0
+    busy_until, first = 0.0, False
+    for begin, end, name in spans:
+        if MARK in name:  # demangled: at::cuda::(anonymous namespace)::spin_kernel(long)
+            busy_until, first = end, True
+            continue
+        kernels[name] += (end - begin) / 1000 / steps
+        wait = max(0.0, begin - busy_until) / 1000 / steps
+        if first:
+            idle_start += wait
+        else:
+            idle_inside += wait
+            waits[name] += wait
+        busy_until, first = max(busy_until, end), False
+    return {"gpu_ms": sum(kernels.values()), "kernels": sorted(kernels.items(), key=lambda kv: -kv[1]),
+            "idle_start_ms": idle_start, "idle_inside_ms": idle_inside,
+            "top_waits": sorted(waits.items(), key=lambda kv: -kv[1])[:8]}
 
 
 def measure(name: str, compiled: bool, args, images, labels) -> dict:
@@ -153,9 +181,7 @@ def _measure(name: str, factory, compiled: bool, args, images, labels) -> dict:
     row = {"row": name, "compiled": compiled, "median_ms": statistics.median(times), "min_ms": min(times),
            "max_ms": max(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "ran": ran}
     if args.profile:
-        kernels = kernel_ms(step)
-        row["gpu_ms"] = sum(kernels.values())
-        row["top_kernels"] = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+        row |= kernel_profile(step)
     del model, step
     torch.cuda.empty_cache()
     return row
@@ -204,8 +230,10 @@ def main() -> None:
         f"{r['row']}: {', '.join(f'{op} {impl}' for op, impl in r['ran'])}" for r in rows if r["ran"]))
     if args.profile:
         for r in rows:
-            lines.append(f"\n{r['row']} ({'compiled' if r['compiled'] else 'eager'}): GPU kernels {r['gpu_ms']:.2f} ms/step")
-            lines += [f"    {ms:6.3f} ms  {k[:100]}" for k, ms in r["top_kernels"]]
+            lines.append(f"\n{r['row']} ({'compiled' if r['compiled'] else 'eager'}): GPU kernels {r['gpu_ms']:.2f} ms/step; "
+                         f"GPU idle {r['idle_start_ms']:.2f} ms before the first kernel, {r['idle_inside_ms']:.2f} ms inside")
+            lines += [f"    {ms:6.3f} ms  {k[:100]}" for k, ms in r["kernels"][:12]]
+            lines += [f"    waited {ms:6.3f} ms before  {k[:100]}" for k, ms in r["top_waits"]]
     text = "\n".join(lines)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

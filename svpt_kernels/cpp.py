@@ -239,9 +239,16 @@ class _DaMix(torch.autograd.Function):
         return (grad, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:4])), None)
 
 
-def da_mix(tokens, prompts, weight, bias, num_prefix):
+def da_mix(tokens, prompts, weight, bias, num_prefix, residual=None):
     _require(tokens.device)
+    tokens = _summed(tokens, residual)
     return _DaMix.apply(tokens, prompts.to(tokens.dtype), weight, bias.reshape(()), num_prefix)
+
+
+def _summed(branch, residual):
+    """The row-local ops given a residual run in place on ``residual + branch``: the extension's
+    backward rewrites the sum's gradient, which autograd then hands to both (no fused conversion)."""
+    return branch if residual is None else residual + branch
 
 
 # -------------------------------------------------------------------------- attention_saliency
@@ -274,8 +281,9 @@ class _AeUpdate(torch.autograd.Function):
         return grad, None, grad_scale if ctx.needs_input_grad[2] else None, None, None, None
 
 
-def ae_update(h, saliency, scale, num_prefix, num_prompts, k):
+def ae_update(h, saliency, scale, num_prefix, num_prompts, k, residual=None):
     _require(h.device)
+    h = _summed(h, residual)
     return _AeUpdate.apply(h, saliency.detach(), scale.reshape(()), num_prefix, num_prompts, k)
 
 
@@ -361,7 +369,10 @@ def _fused_kv_fwd(q, k, v, prompt_k, prompt_v, scale: float, kernel: str, words:
     """ATen's fused attention of q over [prompt; token] keys and values: (out, lse, seed, offset),
     out in ATen's [B, H, T, D] view."""
     k_all, v_all = _segments(q, k, v, prompt_k, prompt_v, words)
-    return aten_attention.forward(q.transpose(1, 2), k_all, v_all, scale, kernel)
+    out, lse, seed, offset = aten_attention.forward(q.transpose(1, 2), k_all, v_all, scale, kernel)
+    # Without dropout ATen leaves the RNG state it returns unset, and its backward does not read it;
+    # a custom op's outputs must be determined by its inputs (torch.library.opcheck compares them).
+    return out, lse, seed.zero_(), offset.zero_()
 
 
 def _fused_kv_bwd(grad_out, q, k, v, prompt_k, prompt_v, out, lse, seed, offset, scale: float, kernel: str,
