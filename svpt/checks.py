@@ -131,24 +131,18 @@ def _common(op: str, named: Sequence[tuple[str, object]]) -> list[tuple[str, tor
 
 
 # ---------------------------------------------------------------- the ops
-def _written_in_place(op: str, name: str, t: torch.Tensor, residual: torch.Tensor | None) -> None:
-    """``t`` is written in place unless a ``residual`` is given (then the op writes a new buffer)."""
-    if residual is not None:
-        if residual.shape != t.shape:
-            raise ValueError(f"svpt.ops.{op}: residual has shape {_shape(residual)}; expected {name}'s shape {_shape(t)}")
-        return
+def _written_in_place(op: str, name: str, t: torch.Tensor) -> None:
     if t.stride(-1) != 1 and t.shape[-1] > 1:
         raise ValueError(f"svpt.ops.{op}: {name} is written in place, so its last dimension must be contiguous "
                          f"(stride 1); got strides {tuple(t.stride())}; pass {name}.contiguous() and use the result")
 
 
-def check_da_mix(tokens, prompts, weight, bias, num_prefix, residual=None) -> None:
+def check_da_mix(tokens, prompts, weight, bias, num_prefix) -> None:
     op = "da_mix"
-    _common(op, [("tokens", tokens), ("prompts", prompts), ("weight", weight), ("bias", bias),
-                 ("residual", residual)])
+    _common(op, [("tokens", tokens), ("prompts", prompts), ("weight", weight), ("bias", bias)])
     if tokens.dim() != 3:
         raise ValueError(f"svpt.ops.{op}: tokens has shape {_shape(tokens)}; expected [B, T, d]")
-    _written_in_place(op, "tokens", tokens, residual)
+    _written_in_place(op, "tokens", tokens)
     batch, length, width = tokens.shape
     if prompts.dim() != 3 or prompts.shape[0] not in (1, batch) or prompts.shape[2] != width or prompts.shape[1] < 1:
         raise ValueError(f"svpt.ops.{op}: prompts has shape {_shape(prompts)}; expected [1 or B={batch}, M >= 1, "
@@ -159,9 +153,7 @@ def check_da_mix(tokens, prompts, weight, bias, num_prefix, residual=None) -> No
     num_prompts = prompts.shape[1]
     _int(op, "num_prefix", num_prefix, 0, length - num_prompts,
          f" (T={length} tokens hold num_prefix + M={num_prompts} prompt rows)")
-    rows = ("tokens", tokens) if residual is None else \
-        ("residual + tokens", torch.promote_types(residual.dtype, tokens.dtype))
-    _matmul_group(op, [rows, ("prompts", prompts), ("weight", weight)],
+    _matmul_group(op, [("tokens", tokens), ("prompts", prompts), ("weight", weight)],
                   "tokens, prompts and weight (the gate's products)")
 
 
@@ -204,12 +196,12 @@ def check_attention_saliency(q, k, scale, saliency_rows, saliency_cols) -> None:
     _matmul_group(op, [("q", q), ("k", k)], "q and k")
 
 
-def check_ae_update(h, saliency, scale, num_prefix, num_prompts, k, residual=None) -> None:
+def check_ae_update(h, saliency, scale, num_prefix, num_prompts, k) -> None:
     op = "ae_update"
-    _common(op, [("h", h), ("saliency", saliency), ("scale", scale), ("residual", residual)])
+    _common(op, [("h", h), ("saliency", saliency), ("scale", scale)])
     if h.dim() != 3:
         raise ValueError(f"svpt.ops.{op}: h has shape {_shape(h)}; expected [B, T, d]")
-    _written_in_place(op, "h", h, residual)
+    _written_in_place(op, "h", h)
     _scalar_tensor(op, "scale", scale)
     batch, length, _ = h.shape
     _int(op, "num_prompts", num_prompts, 1)

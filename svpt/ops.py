@@ -40,7 +40,7 @@ def _run(op: str, device: torch.device, dtype: torch.dtype, sizes: dict, *args):
 
 
 def da_mix(tokens: torch.Tensor, prompts: torch.Tensor, weight: torch.Tensor,
-           bias: torch.Tensor, num_prefix: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+           bias: torch.Tensor, num_prefix: int) -> torch.Tensor:
     """SVPT's cross-layer connection with dynamic aggregation (CDC + DA), in place.
 
     ``tokens`` [B, T, d] is block l-1's output, whose rows ``num_prefix : num_prefix+M``
@@ -48,12 +48,9 @@ def da_mix(tokens: torch.Tensor, prompts: torch.Tensor, weight: torch.Tensor,
     ``weight`` [2, d] and ``bias`` [] are ``da.weight[l-1]`` and ``da.bias[l-1]``.
     Overwrites those rows with ``g * P_out + (1 - g) * P``, ``g = sigmoid(P_out . weight[0] +
     P . weight[1] + bias)`` per token, and returns ``tokens``; the other rows are not touched.
-    With ``residual`` [B, T, d], the same on ``residual + tokens`` (a new buffer; neither input is
-    written): see :func:`ae_update`.
     """
-    checks.check_da_mix(tokens, prompts, weight, bias, num_prefix, residual)
-    return _run("da_mix", tokens.device, _dtype(tokens, prompts, residual), {},
-                tokens, prompts, weight, bias, num_prefix, residual)
+    checks.check_da_mix(tokens, prompts, weight, bias, num_prefix)
+    return _run("da_mix", tokens.device, _dtype(tokens, prompts), {}, tokens, prompts, weight, bias, num_prefix)
 
 
 def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -77,23 +74,14 @@ def attention_saliency(q: torch.Tensor, k: torch.Tensor, scale: float, saliency_
 
 
 def ae_update(h: torch.Tensor, saliency: torch.Tensor, scale: torch.Tensor, num_prefix: int,
-              num_prompts: int, k: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+              num_prompts: int, k: int) -> torch.Tensor:
     """SVPT's attentive enhancement, in place on the attention residual ``h`` [B, T, d]: the ``k``
     patch rows with the highest ``saliency`` [B, N] (N = T - num_prefix - num_prompts) get
     ``u = scale * mean(h[:, num_prefix : num_prefix+num_prompts])`` (taken before the update)
     added; returns ``h``. The top-k indices carry no gradient; ``u`` does (to ``scale`` and
-    through ``h``'s prompt rows).
-
-    With ``residual`` [B, T, d], the same on ``residual + h`` (a new buffer in the promoted dtype;
-    neither input is written), as the block's ``x + attn`` when the branch ``h`` is in autocast's
-    dtype and the residual stream in float32. Passing the two apart lets a backend hand the branch
-    its gradient in the branch's dtype directly: under torch.compile that conversion then joins the
-    kernel that computed the gradient, where after an in-place update of the sum's gradient it would
-    be one more pass over [B, T, d].
-    """
-    checks.check_ae_update(h, saliency, scale, num_prefix, num_prompts, k, residual)
-    return _run("ae_update", h.device, _dtype(h, residual), {}, h, saliency, scale, num_prefix, num_prompts, k,
-                residual)
+    through ``h``'s prompt rows)."""
+    checks.check_ae_update(h, saliency, scale, num_prefix, num_prompts, k)
+    return _run("ae_update", h.device, h.dtype, {}, h, saliency, scale, num_prefix, num_prompts, k)
 
 
 def prompt_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_k: torch.Tensor,

@@ -9,9 +9,7 @@ import torch
 import torch.nn.functional as F
 
 
-def da_mix(tokens, prompts, weight, bias, num_prefix, residual=None):
-    if residual is not None:
-        tokens = residual + tokens
+def da_mix(tokens, prompts, weight, bias, num_prefix):
     rows = slice(num_prefix, num_prefix + prompts.shape[-2])
     prev = tokens[:, rows].clone()  # P_out[l-1]: the write below overwrites these rows
     gate = torch.sigmoid(prev @ weight[0] + prompts @ weight[1] + bias).unsqueeze(-1)
@@ -35,9 +33,7 @@ def attention_saliency(q, k, scale, saliency_rows, saliency_cols):
         return probs[..., saliency_cols:].float().mean(dim=(1, 2))
 
 
-def ae_update(h, saliency, scale, num_prefix, num_prompts, k, residual=None):
-    if residual is not None:
-        h = residual + h
+def ae_update(h, saliency, scale, num_prefix, num_prompts, k):
     first_patch = num_prefix + num_prompts
     rows = saliency.topk(k, dim=-1).indices + first_patch  # [B, k]
     u = scale * h[:, num_prefix:first_patch].mean(dim=1)  # [B, d], from h before the update

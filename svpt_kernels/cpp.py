@@ -239,16 +239,9 @@ class _DaMix(torch.autograd.Function):
         return (grad, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:4])), None)
 
 
-def da_mix(tokens, prompts, weight, bias, num_prefix, residual=None):
+def da_mix(tokens, prompts, weight, bias, num_prefix):
     _require(tokens.device)
-    tokens = _summed(tokens, residual)
     return _DaMix.apply(tokens, prompts.to(tokens.dtype), weight, bias.reshape(()), num_prefix)
-
-
-def _summed(branch, residual):
-    """The row-local ops given a residual run in place on ``residual + branch``: the extension's
-    backward rewrites the sum's gradient, which autograd then hands to both (no fused conversion)."""
-    return branch if residual is None else residual + branch
 
 
 # -------------------------------------------------------------------------- attention_saliency
@@ -281,9 +274,8 @@ class _AeUpdate(torch.autograd.Function):
         return grad, None, grad_scale if ctx.needs_input_grad[2] else None, None, None, None
 
 
-def ae_update(h, saliency, scale, num_prefix, num_prompts, k, residual=None):
+def ae_update(h, saliency, scale, num_prefix, num_prompts, k):
     _require(h.device)
-    h = _summed(h, residual)
     return _AeUpdate.apply(h, saliency.detach(), scale.reshape(()), num_prefix, num_prompts, k)
 
 

@@ -99,7 +99,7 @@ class Case:
     input's name), the rows ``(start, stop)`` of dimension 1 it is compared over. ``autocast``: run
     the tested and the eager call under ``torch.autocast`` in that dtype (the reference without).
     ``layouts``: inputs passed in a memory layout of :func:`laid_out` (the model's q/k/v views are
-    ``padded``). ``keywords``: inputs passed by name, after ``args``."""
+    ``padded``)."""
     op: str
     inputs: dict[str, torch.Tensor | None]
     args: tuple = ()
@@ -110,28 +110,13 @@ class Case:
     rows: dict[str, tuple[int, int]] = field(default_factory=dict)
     autocast: torch.dtype | None = None
     layouts: dict[str, str] = field(default_factory=dict)
-    keywords: tuple[str, ...] = ()
 
     def call(self, fn, tensors: dict[str, torch.Tensor | None]):
-        named = {name: tensors[self.same.get(name, name)] for name in self.inputs}
-        return fn(*[t for name, t in named.items() if name not in self.keywords], *self.args,
-                  **{name: named[name] for name in self.keywords})
+        return fn(*[tensors[self.same.get(name, name)] for name in self.inputs], *self.args)
 
     def precision(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype the tested call computes in: autocast's, else the inputs'."""
         return self.autocast or dtype
-
-
-def with_residual(case: Case, dtype: torch.dtype | None = None) -> Case:
-    """``case`` of an in-place row-local op given a ``residual`` (ops.ae_update): the op on
-    ``residual + buffer``, a new buffer; every row of the result and of both gradients compared.
-    ``dtype``: the residual in that dtype whatever the tested one (float32 next to a 16-bit branch,
-    as the model's residual stream under autocast)."""
-    branch = case.inputs[case.buffer]
-    residual = randn(torch.Generator().manual_seed(7), *branch.shape)
-    return replace(case, inputs={**case.inputs, "residual": residual if dtype is None else residual.to(dtype)},
-                   grads=case.grads + ("residual",), own_dtype=case.own_dtype + (("residual",) if dtype else ()),
-                   buffer=None, rows={}, layouts={}, keywords=("residual",))
 
 
 @dataclass
@@ -189,10 +174,8 @@ def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def rounded(case: Case, dtype: torch.dtype) -> Case:
-    """``case`` with its inputs rounded to ``dtype`` (those of ``own_dtype`` to their own), as float64
-    values: what the reference sees."""
-    return replace(case, inputs={name: None if value is None else
-                                 (value if name in case.own_dtype else value.to(dtype)).double()
+    """``case`` with its inputs rounded to ``dtype`` (float64 values): what the reference sees."""
+    return replace(case, inputs={name: value if value is None or name in case.own_dtype else value.to(dtype).double()
                                  for name, value in case.inputs.items()})
 
 

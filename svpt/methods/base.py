@@ -126,14 +126,9 @@ def prompt_keys_values(block: nn.Module, prompts: torch.Tensor) -> tuple[torch.T
     return attn.k_norm(k), v
 
 
-def mlp_branch(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """``ls2(MLP(LN2(h)))``, the MLP sub-layer's branch."""
-    return frozen(block.ls2, _mlp(block.mlp, frozen(block.norm2, h)))
-
-
 def mlp_residual(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """``h + ls2(MLP(LN2(h)))``."""
-    return h + mlp_branch(block, h)
+    return h + frozen(block.ls2, _mlp(block.mlp, frozen(block.norm2, h)))
 
 
 def plain_block(block: nn.Module, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..backends import Kernels
-from .base import mlp_branch, mlp_residual, replace_prompts, self_attention
+from .base import mlp_residual, replace_prompts, self_attention
 from .vpt import _VPT
 
 
@@ -53,23 +53,20 @@ class SVPT(_VPT):
 
     def block(self, layer: int, blk: nn.Module, x: torch.Tensor, kernels: Kernels, rows: dict) -> torch.Tensor:
         """Block ``layer`` on ``x``, whose prompt rows already hold ``P_in[layer]``; its output's
-        prompt rows hold ``P_in[layer + 1]`` (CDC + DA, with the block's last residual add). Doing
-        the mix at the end of a block, not the start of the next, keeps a checkpointed block from
-        writing its input."""
-        # The row-local ops take each sub-layer's branch and its residual apart (ops.ae_update): the
-        # branch's gradient then comes in its own dtype from the kernel that made the sum's.
+        prompt rows then become ``P_in[layer + 1]`` in place (CDC + DA). Doing the mix at the end
+        of a block, not the start of the next, keeps a checkpointed block from writing its input."""
         if layer in self.ae_layers:
             first_patch = self.num_prefix + self.num_prompts
             attn_out, saliency = self_attention(blk, x, kernels, (self.saliency_rows, first_patch))
             # int(): a plain number under torch.jit.trace too, where shapes are traced tensors
             k = max(1, round(self.ae_ratio * (int(x.shape[1]) - first_patch)))
-            h = kernels.ae_update(attn_out, saliency, rows["ae_scale"][layer], self.num_prefix, self.num_prompts, k, x)
+            h = kernels.ae_update(x + attn_out, saliency, rows["ae_scale"][layer], self.num_prefix, self.num_prompts, k)
         else:
             h = x + self_attention(blk, x, kernels)[0]
+        z = mlp_residual(blk, h)
         if layer + 1 == self.depth:
-            return mlp_residual(blk, h)
-        prompts = self.layer_prompts(rows, layer + 1, h.shape[0])
+            return z
+        prompts = self.layer_prompts(rows, layer + 1, z.shape[0])
         if self.cdc:
-            return kernels.da_mix(mlp_branch(blk, h), prompts, rows["da_weight"][layer], rows["da_bias"][layer],
-                                  self.num_prefix, h)
-        return replace_prompts(mlp_residual(blk, h), prompts, self.num_prefix)
+            return kernels.da_mix(z, prompts, rows["da_weight"][layer], rows["da_bias"][layer], self.num_prefix)
+        return replace_prompts(z, prompts, self.num_prefix)

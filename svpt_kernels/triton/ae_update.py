@@ -6,18 +6,13 @@ reads and writes the k selected rows; it keeps ``mean(h_prompt)`` [B, d] and the
 backward. The backward reads the gradient at the k selected rows (dL/du) and adds
 ``scale / M * dL/du`` to the gradient's M prompt rows in place; every other row's gradient
 passes through untouched.
-
-With a residual (the op on ``residual + h``, the block's ``x + attn``), the forward adds the two into
-a new buffer first; the backward converts the incoming gradient to the branch's dtype before
-anything else, so that a compiled backward computes that copy in the kernel that produced the
-gradient (as for timm's own residual add), and the kernel then updates the prompt rows of both.
 """
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._common import branch_gradient, define_op, launch, next_pow2, writable
+from ._common import define_op, launch, next_pow2, writable
 
 __all__ = ["ae_update", "AeUpdateFunction"]
 
@@ -50,9 +45,8 @@ def _ae_update_fwd_kernel(H, INDEX, SCALE, MEAN, d, num_prefix, M, K, first_patc
 
 
 @triton.jit
-def _ae_update_bwd_kernel(GRAD, BRANCH, MEAN, INDEX, SCALE, GRAD_SCALE_PART, d, num_prefix, M, K, first_patch,
-                          stride_gb, stride_gt, stride_bb, stride_bt, HAS_BRANCH: tl.constexpr,
-                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _ae_update_bwd_kernel(GRAD, MEAN, INDEX, SCALE, GRAD_SCALE_PART, d, num_prefix, M, K, first_patch,
+                          stride_gb, stride_gt, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -74,11 +68,8 @@ def _ae_update_bwd_kernel(GRAD, BRANCH, MEAN, INDEX, SCALE, GRAD_SCALE_PART, d, 
         rows = num_prefix + t0 + tl.arange(0, BLOCK_T)
         ok = t_ok[:, None] & col_ok[None, :]
         ptr = base + rows[:, None] * stride_gt
-        g = tl.load(ptr, mask=ok, other=0.0).to(tl.float32) + coef[None, :]
-        tl.store(ptr, g.to(GRAD.dtype.element_ty), mask=ok)
-        if HAS_BRANCH:  # the branch's copy of these rows, from the same float32 values
-            branch = BRANCH + b * stride_bb + rows[:, None] * stride_bt + cols[None, :]
-            tl.store(branch, g.to(BRANCH.dtype.element_ty), mask=ok)
+        g = tl.load(ptr, mask=ok, other=0.0)
+        tl.store(ptr, (g.to(tl.float32) + coef[None, :]).to(GRAD.dtype.element_ty), mask=ok)
 
 
 def _grid(batch: int, width: int) -> tuple[tuple[int, int], dict]:
@@ -103,56 +94,45 @@ def _ae_update_op(h: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, num
     return mean
 
 
-def _ae_update_backward_fake(grad, branch, mean, index, scale, num_prefix, num_prompts):
+def _ae_update_backward_fake(grad, mean, index, scale, num_prefix, num_prompts):
     return torch.empty_like(scale)
 
 
-@define_op("ae_update_backward", _ae_update_backward_fake, mutates_args=("grad", "branch"))
-def _ae_update_backward_op(grad: torch.Tensor, branch: torch.Tensor, mean: torch.Tensor, index: torch.Tensor,
-                           scale: torch.Tensor, num_prefix: int, num_prompts: int) -> torch.Tensor:
-    """Adds the u-path's gradient to the prompt rows of ``grad`` in place, and of ``branch`` (the
-    gradient's copy in the branch's dtype; empty when there is none); returns dL/dscale."""
+@define_op("ae_update_backward", _ae_update_backward_fake, mutates_args=("grad",))
+def _ae_update_backward_op(grad: torch.Tensor, mean: torch.Tensor, index: torch.Tensor, scale: torch.Tensor,
+                           num_prefix: int, num_prompts: int) -> torch.Tensor:
+    """Adds the u-path's gradient to the prompt rows of ``grad`` in place; returns dL/dscale."""
     batch, _, width = grad.shape
     grid, meta = _grid(batch, width)
     grad_scale_part = torch.empty((batch, grid[0]), dtype=torch.float32, device=grad.device)
-    has_branch = branch.numel() > 0
-    branch_strides = (branch.stride(0), branch.stride(1)) if has_branch else (0, 0)
     launch(_ae_update_bwd_kernel)[grid](
-        grad, branch, mean, index, scale, grad_scale_part, width, num_prefix, num_prompts, index.shape[1],
-        num_prefix + num_prompts, grad.stride(0), grad.stride(1), *branch_strides, HAS_BRANCH=has_branch, **meta)
+        grad, mean, index, scale, grad_scale_part, width, num_prefix, num_prompts, index.shape[1],
+        num_prefix + num_prompts, grad.stride(0), grad.stride(1), **meta)
     return grad_scale_part.sum().to(scale.dtype)
 
 
 class AeUpdateFunction(torch.autograd.Function):
-    """Autograd of ae_update over ``svpt::ae_update`` / ``svpt::ae_update_backward``: in place on
-    ``h``, or on ``residual + h`` when a residual is given. Saves the top-k indices, the scale and
-    mean(h_prompt) [B, d], never the [B, T, d] buffer."""
+    """Autograd of the in-place ae_update over ``svpt::ae_update`` / ``svpt::ae_update_backward``.
+    Saves the top-k indices, the scale and mean(h_prompt) [B, d], never the [B, T, d] buffer."""
 
     @staticmethod
-    def forward(ctx, h, index, scale, num_prefix, num_prompts, residual):
-        buf = h if residual is None else residual + h
-        mean = _ae_update_op(buf, index, scale, num_prefix, num_prompts)
-        if residual is None:
-            ctx.mark_dirty(h)
+    def forward(ctx, h, index, scale, num_prefix, num_prompts):
+        mean = _ae_update_op(h, index, scale, num_prefix, num_prompts)
+        ctx.mark_dirty(h)
         ctx.save_for_backward(mean, index, scale)
         ctx.num_prefix, ctx.num_prompts = num_prefix, num_prompts
-        ctx.branch_dtype = None if residual is None else h.dtype
-        return buf
+        return h
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         mean, index, scale = ctx.saved_tensors
-        branch = branch_gradient(grad, ctx.branch_dtype)
         grad = writable(grad)
-        grad_scale = _ae_update_backward_op(grad, grad.new_empty(0) if branch is None else branch, mean, index,
-                                            scale, ctx.num_prefix, ctx.num_prompts)
-        grad_residual = None if ctx.branch_dtype is None else grad
-        return (grad if branch is None else branch, None, grad_scale if ctx.needs_input_grad[2] else None, None, None,
-                grad_residual)
+        grad_scale = _ae_update_backward_op(grad, mean, index, scale, ctx.num_prefix, ctx.num_prompts)
+        return grad, None, grad_scale if ctx.needs_input_grad[2] else None, None, None
 
 
-def ae_update(h, saliency, scale, num_prefix, num_prompts, k, residual=None):
-    """Triton ae_update; same contract as :func:`svpt.ops.ae_update` (in place on ``h`` without a residual)."""
+def ae_update(h, saliency, scale, num_prefix, num_prompts, k):
+    """Triton ae_update; same contract as :func:`svpt.ops.ae_update` (in place on ``h``)."""
     index = saliency.detach().topk(k, dim=-1).indices.contiguous()
-    return AeUpdateFunction.apply(h, index, scale.reshape(()), num_prefix, num_prompts, residual)
+    return AeUpdateFunction.apply(h, index, scale.reshape(()), num_prefix, num_prompts)

@@ -4,9 +4,7 @@ The forward reads the prompt rows ``P_out`` and the prompts ``P``, writes
 ``g * P_out + (1 - g) * P`` (``g = sigmoid(P_out . w0 + P . w1 + b)``) over those rows and keeps
 a copy of ``P_out`` [B, M, d] for backward; no other row is read or written. The backward reads
 and rewrites the prompt rows of the incoming gradient only (the other rows' gradient passes
-through unchanged) and recomputes the gate. With a residual (the op on ``residual + tokens``, the
-block's ``h + mlp``), as ae_update's (ae_update.py): a new buffer forward; backward the gradient's
-copy in the branch's dtype first, its prompt rows rewritten with the gradient's.
+through unchanged) and recomputes the gate.
 """
 from typing import Tuple
 
@@ -15,7 +13,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._common import branch_gradient, define_op, launch, next_pow2, writable
+from ._common import define_op, launch, next_pow2, writable
 
 __all__ = ["da_mix", "DaMixFunction"]
 
@@ -50,8 +48,8 @@ def _da_mix_fwd_kernel(TOK, PROMPT, W, BIAS, PREV, d, num_prefix, M,
 
 
 @triton.jit
-def _da_mix_bwd_kernel(GRAD, BRANCH, PREV, PROMPT, W, BIAS, GRAD_PROMPT_ROWS, GRAD_PARAM_PART, d, num_prefix, M,
-                       stride_gb, stride_gt, stride_bb, stride_bt, stride_pb, stride_pm, HAS_BRANCH: tl.constexpr,
+def _da_mix_bwd_kernel(GRAD, PREV, PROMPT, W, BIAS, GRAD_PROMPT_ROWS, GRAD_PARAM_PART, d, num_prefix, M,
+                       stride_gb, stride_gt, stride_pb, stride_pm,
                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -68,9 +66,6 @@ def _da_mix_bwd_kernel(GRAD, BRANCH, PREV, PROMPT, W, BIAS, GRAD_PROMPT_ROWS, GR
     grad_logit = tl.sum(go * (x - p), axis=1) * gate * (1.0 - gate)
     grad_x = gate[:, None] * go + grad_logit[:, None] * w0[None, :]
     tl.store(rows, grad_x.to(GRAD.dtype.element_ty), mask=ok)
-    if HAS_BRANCH:  # the branch's copy of these rows, from the same float32 values
-        branch = BRANCH + b * stride_bb + (num_prefix + m)[:, None] * stride_bt + cols[None, :]
-        tl.store(branch, grad_x.to(BRANCH.dtype.element_ty), mask=ok)
     grad_p = (1.0 - gate[:, None]) * go + grad_logit[:, None] * w1[None, :]
     # Per-sample rows, summed over a broadcast prompt batch afterwards; the gate parameters'
     # gradients as one partial row [dw0, dw1, db] per program, summed afterwards: no atomics.
@@ -110,28 +105,24 @@ def _da_mix_op(tokens: torch.Tensor, prompts: torch.Tensor, weight: torch.Tensor
     return prev
 
 
-def _da_mix_backward_fake(grad, branch, prev, prompts, weight, bias, num_prefix):
+def _da_mix_backward_fake(grad, prev, prompts, weight, bias, num_prefix):
     return torch.empty_like(prompts), torch.empty_like(weight), torch.empty_like(bias)
 
 
-@define_op("da_mix_backward", _da_mix_backward_fake, mutates_args=("grad", "branch"))
-def _da_mix_backward_op(grad: torch.Tensor, branch: torch.Tensor, prev: torch.Tensor, prompts: torch.Tensor,
+@define_op("da_mix_backward", _da_mix_backward_fake, mutates_args=("grad",))
+def _da_mix_backward_op(grad: torch.Tensor, prev: torch.Tensor, prompts: torch.Tensor,
                         weight: torch.Tensor, bias: torch.Tensor,
                         num_prefix: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rewrites the prompt rows of ``grad`` (dL/dout -> dL/dtokens) in place, and of ``branch`` (the
-    gradient's copy in the branch's dtype; empty when there is none); returns the gradients of
-    prompts, weight and bias."""
+    """Rewrites the prompt rows of ``grad`` (dL/dout -> dL/dtokens) in place; returns the
+    gradients of prompts, weight and bias."""
     batch, _, width = grad.shape
     num_prompts = prompts.shape[1]
     grad_prompts = torch.empty((batch, num_prompts, width), dtype=torch.float32, device=grad.device)
     grid, meta = _grid(batch, num_prompts, width)
     part = torch.empty((grid[0] * batch, 2 * width + 1), dtype=torch.float32, device=grad.device)
-    has_branch = branch.numel() > 0
-    branch_strides = (branch.stride(0), branch.stride(1)) if has_branch else (0, 0)
     launch(_da_mix_bwd_kernel)[grid](
-        grad, branch, prev, prompts, weight, bias, grad_prompts, part, width, num_prefix, num_prompts,
-        grad.stride(0), grad.stride(1), *branch_strides, _prompt_batch_stride(prompts), prompts.stride(1),
-        HAS_BRANCH=has_branch, **meta)
+        grad, prev, prompts, weight, bias, grad_prompts, part, width, num_prefix, num_prompts,
+        grad.stride(0), grad.stride(1), _prompt_batch_stride(prompts), prompts.stride(1), **meta)
     if prompts.shape[0] == 1:
         grad_prompts = grad_prompts.sum(dim=0, keepdim=True)
     params = part.sum(dim=0)
@@ -142,37 +133,28 @@ def _da_mix_backward_op(grad: torch.Tensor, branch: torch.Tensor, prev: torch.Te
 
 
 class DaMixFunction(torch.autograd.Function):
-    """Autograd of da_mix over ``svpt::da_mix`` / ``svpt::da_mix_backward``: in place on ``tokens``,
-    or on ``residual + tokens`` when a residual is given. Saves the prompts, the gate's parameters
-    and the M old prompt rows, never the [B, T, d] buffer."""
+    """Autograd of the in-place da_mix over ``svpt::da_mix`` / ``svpt::da_mix_backward``. Saves
+    the prompts, the gate's parameters and the M old prompt rows, never the [B, T, d] buffer."""
 
     @staticmethod
-    def forward(ctx, tokens, prompts, weight, bias, num_prefix, residual):
-        buf = tokens if residual is None else residual + tokens
-        prev = _da_mix_op(buf, prompts, weight, bias, num_prefix)
-        if residual is None:
-            ctx.mark_dirty(tokens)
+    def forward(ctx, tokens, prompts, weight, bias, num_prefix):
+        prev = _da_mix_op(tokens, prompts, weight, bias, num_prefix)
+        ctx.mark_dirty(tokens)
         ctx.save_for_backward(prev, prompts, weight, bias)
         ctx.num_prefix = num_prefix
-        ctx.branch_dtype = None if residual is None else tokens.dtype
-        return buf
+        return tokens
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         prev, prompts, weight, bias = ctx.saved_tensors
-        branch = branch_gradient(grad, ctx.branch_dtype)
         grad = writable(grad)
-        grads = _da_mix_backward_op(grad, grad.new_empty(0) if branch is None else branch, prev, prompts, weight,
-                                    bias, ctx.num_prefix)
+        grads = _da_mix_backward_op(grad, prev, prompts, weight, bias, ctx.num_prefix)
         need = ctx.needs_input_grad
-        grad_residual = None if ctx.branch_dtype is None else grad
-        return (grad if branch is None else branch, *(g if n else None for g, n in zip(grads, need[1:4])), None,
-                grad_residual)
+        return (grad, *(g if n else None for g, n in zip(grads, need[1:4])), None)
 
 
-def da_mix(tokens, prompts, weight, bias, num_prefix, residual=None):
-    """Triton da_mix; same contract as :func:`svpt.ops.da_mix` (in place on ``tokens`` without a residual)."""
-    dtype = tokens.dtype if residual is None else torch.promote_types(residual.dtype, tokens.dtype)
-    return DaMixFunction.apply(tokens, prompts.to(dtype).contiguous(), weight.contiguous(), bias.reshape(()),
-                               num_prefix, residual)
+def da_mix(tokens, prompts, weight, bias, num_prefix):
+    """Triton da_mix; same contract as :func:`svpt.ops.da_mix` (in place on ``tokens``)."""
+    return DaMixFunction.apply(tokens, prompts.to(tokens.dtype).contiguous(), weight.contiguous(),
+                               bias.reshape(()), num_prefix)

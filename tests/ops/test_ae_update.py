@@ -19,7 +19,7 @@ from svpt import reference
 
 from numerics import rel_err
 from opcheck import (Case, check, check_hand_over, check_row_locality, check_saves_no_buffer, handed_over, own_cases,
-                     randn, value_cases, with_residual)
+                     randn, value_cases)
 
 OP = "ae_update"
 # name: (batch, num_prefix, M, patches, width, k)
@@ -68,24 +68,6 @@ def test_a_scale_of_another_dtype_promotes_like_the_reference(backend, device, d
     case.inputs["scale"] = case.inputs["scale"].to(scale_dtype)
     case.own_dtype = ("saliency", "scale")
     check(case, backend, device, dtype)
-
-
-def residual_case(residual_dtype: torch.dtype | None = None, shape: str = "class-token-M3-k3") -> Case:
-    return with_residual(make(shape), residual_dtype)
-
-
-@pytest.mark.parametrize("backend,device,dtype", own_cases(OP))
-def test_on_a_residual_sum(backend, device, dtype):
-    """With ``residual``: the op on ``residual + h``, a new buffer (writing either input, leaves
-    that require grad, would raise); the result's every row and both inputs' gradients."""
-    check(residual_case(), backend, device, dtype)
-
-
-@pytest.mark.parametrize("backend,device,dtype", own_cases(OP, dtypes=(torch.float16, torch.bfloat16)))
-def test_on_a_float32_residual_next_to_a_16bit_branch(backend, device, dtype):
-    """The model's case under autocast: the residual stream in float32, the branch 16-bit; the sum
-    in float32, the branch's gradient in its own dtype."""
-    check(residual_case(torch.float32), backend, device, dtype)
 
 
 @pytest.mark.parametrize("backend,device,dtype", own_cases(OP))
