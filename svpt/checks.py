@@ -131,18 +131,46 @@ def _common(op: str, named: Sequence[tuple[str, object]]) -> list[tuple[str, tor
 
 
 # ---------------------------------------------------------------- the ops
-def _written_in_place(op: str, name: str, t: torch.Tensor) -> None:
+def _written_in_place(op: str, name: str, t: torch.Tensor, residual: torch.Tensor | None) -> None:
+    """``t`` is written in place unless a ``residual`` is given (then the op writes a new buffer)."""
+    if residual is not None:
+        if residual.shape != t.shape:
+            raise ValueError(f"svpt.ops.{op}: residual has shape {_shape(residual)}; expected {name}'s shape {_shape(t)}")
+        return
     if t.stride(-1) != 1 and t.shape[-1] > 1:
         raise ValueError(f"svpt.ops.{op}: {name} is written in place, so its last dimension must be contiguous "
                          f"(stride 1); got strides {tuple(t.stride())}; pass {name}.contiguous() and use the result")
 
 
-def check_da_mix(tokens, prompts, weight, bias, num_prefix) -> None:
+def _norm(op: str, norm: object, residual: torch.Tensor | None, width: int) -> list[tuple[str, object]]:
+    """``norm`` = (weight [d] or None, bias [d] or None, eps > 0), the frozen LayerNorm after a residual
+    sum; returns its tensors for the common checks."""
+    if norm is None:
+        return []
+    if not isinstance(norm, (tuple, list)) or len(norm) != 3:
+        raise TypeError(f"svpt.ops.{op}: norm must be (weight, bias, eps) of a LayerNorm, got {norm!r}")
+    if residual is None:
+        raise ValueError(f"svpt.ops.{op}: norm is the LayerNorm of the residual sum; pass residual with it")
+    weight, bias, eps = norm
+    for name, t in (("norm weight", weight), ("norm bias", bias)):
+        if isinstance(t, torch.Tensor) and (t.dim() != 1 or t.shape[0] != width):
+            raise ValueError(f"svpt.ops.{op}: {name} has shape {_shape(t)}; expected [d={width}] or None")
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise ValueError(f"svpt.ops.{op}: {name} requires grad; norm is the frozen backbone's LayerNorm, "
+                             "whose parameters get no gradient here (detach them, or freeze the LayerNorm)")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
+        raise ValueError(f"svpt.ops.{op}: norm's eps must be a positive number, got {eps!r}")
+    return [("norm weight", weight), ("norm bias", bias)]
+
+
+def check_da_mix(tokens, prompts, weight, bias, num_prefix, residual=None, norm=None) -> None:
     op = "da_mix"
-    _common(op, [("tokens", tokens), ("prompts", prompts), ("weight", weight), ("bias", bias)])
+    width = tokens.shape[-1] if isinstance(tokens, torch.Tensor) else 0
+    _common(op, [("tokens", tokens), ("prompts", prompts), ("weight", weight), ("bias", bias),
+                 ("residual", residual), *_norm(op, norm, residual, width)])
     if tokens.dim() != 3:
         raise ValueError(f"svpt.ops.{op}: tokens has shape {_shape(tokens)}; expected [B, T, d]")
-    _written_in_place(op, "tokens", tokens)
+    _written_in_place(op, "tokens", tokens, residual)
     batch, length, width = tokens.shape
     if prompts.dim() != 3 or prompts.shape[0] not in (1, batch) or prompts.shape[2] != width or prompts.shape[1] < 1:
         raise ValueError(f"svpt.ops.{op}: prompts has shape {_shape(prompts)}; expected [1 or B={batch}, M >= 1, "
@@ -153,7 +181,9 @@ def check_da_mix(tokens, prompts, weight, bias, num_prefix) -> None:
     num_prompts = prompts.shape[1]
     _int(op, "num_prefix", num_prefix, 0, length - num_prompts,
          f" (T={length} tokens hold num_prefix + M={num_prompts} prompt rows)")
-    _matmul_group(op, [("tokens", tokens), ("prompts", prompts), ("weight", weight)],
+    rows = ("tokens", tokens) if residual is None else \
+        ("residual + tokens", torch.promote_types(residual.dtype, tokens.dtype))
+    _matmul_group(op, [rows, ("prompts", prompts), ("weight", weight)],
                   "tokens, prompts and weight (the gate's products)")
 
 
@@ -196,12 +226,14 @@ def check_attention_saliency(q, k, scale, saliency_rows, saliency_cols) -> None:
     _matmul_group(op, [("q", q), ("k", k)], "q and k")
 
 
-def check_ae_update(h, saliency, scale, num_prefix, num_prompts, k) -> None:
+def check_ae_update(h, saliency, scale, num_prefix, num_prompts, k, residual=None, norm=None) -> None:
     op = "ae_update"
-    _common(op, [("h", h), ("saliency", saliency), ("scale", scale)])
+    width = h.shape[-1] if isinstance(h, torch.Tensor) else 0
+    _common(op, [("h", h), ("saliency", saliency), ("scale", scale), ("residual", residual),
+                 *_norm(op, norm, residual, width)])
     if h.dim() != 3:
         raise ValueError(f"svpt.ops.{op}: h has shape {_shape(h)}; expected [B, T, d]")
-    _written_in_place(op, "h", h)
+    _written_in_place(op, "h", h, residual)
     _scalar_tensor(op, "scale", scale)
     batch, length, _ = h.shape
     _int(op, "num_prompts", num_prompts, 1)

@@ -7,7 +7,10 @@ is the ground truth. Which implementation runs is decided by :mod:`svpt.backends
 ``da_mix`` and ``ae_update`` work in place on the token buffer and touch only the rows they
 change (the M prompt rows; the k selected patch rows), forward and backward: the buffer of
 [prefix, prompts, patches] lives through all blocks without being copied. Their inputs must not
-be leaf tensors that require grad (as for any in-place op).
+be leaf tensors that require grad (as for any in-place op). Given the sub-layer's ``residual`` apart
+from its branch, they write a new buffer instead, and given also the ``norm`` that reads it (the
+block's frozen LayerNorm), they return that LayerNorm too: what SVPT's blocks call, so that a backend
+can fuse residual add, row update and LayerNorm (the Triton backend does).
 
 ``prompt_kv_attention`` and ``folded_cross_attention`` are the exact fast paths of VPT-deep
 and CVPT (METHOD.md, "Fast path"). Every backend implements them (the reference too, for the
@@ -27,6 +30,9 @@ __all__ = ["ae_update", "attention_saliency", "da_mix", "folded_cross_attention"
            "prompt_kv_attention"]
 
 
+Norm = tuple  # (weight [d] or None, bias [d] or None, eps): a frozen LayerNorm's F.layer_norm arguments
+
+
 def _dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     dtypes = [t.dtype for t in tensors if t is not None]
     out = dtypes[0]
@@ -39,8 +45,8 @@ def _run(op: str, device: torch.device, dtype: torch.dtype, sizes: dict, *args):
     return backends.implementation(op, device, dtype, sizes).fn(*args)
 
 
-def da_mix(tokens: torch.Tensor, prompts: torch.Tensor, weight: torch.Tensor,
-           bias: torch.Tensor, num_prefix: int) -> torch.Tensor:
+def da_mix(tokens: torch.Tensor, prompts: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_prefix: int,
+           residual: torch.Tensor | None = None, norm: Norm | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """SVPT's cross-layer connection with dynamic aggregation (CDC + DA), in place.
 
     ``tokens`` [B, T, d] is block l-1's output, whose rows ``num_prefix : num_prefix+M``
@@ -48,9 +54,12 @@ def da_mix(tokens: torch.Tensor, prompts: torch.Tensor, weight: torch.Tensor,
     ``weight`` [2, d] and ``bias`` [] are ``da.weight[l-1]`` and ``da.bias[l-1]``.
     Overwrites those rows with ``g * P_out + (1 - g) * P``, ``g = sigmoid(P_out . weight[0] +
     P . weight[1] + bias)`` per token, and returns ``tokens``; the other rows are not touched.
+    With ``residual`` [B, T, d], the same on ``residual + tokens`` (a new buffer; neither input is
+    written), and with ``norm`` also that buffer's LayerNorm: see :func:`ae_update`.
     """
-    checks.check_da_mix(tokens, prompts, weight, bias, num_prefix)
-    return _run("da_mix", tokens.device, _dtype(tokens, prompts), {}, tokens, prompts, weight, bias, num_prefix)
+    checks.check_da_mix(tokens, prompts, weight, bias, num_prefix, residual, norm)
+    return _run("da_mix", tokens.device, _dtype(tokens, prompts, residual), {},
+                tokens, prompts, weight, bias, num_prefix, residual, norm)
 
 
 def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -73,15 +82,31 @@ def attention_saliency(q: torch.Tensor, k: torch.Tensor, scale: float, saliency_
                 q, k, scale, tuple(saliency_rows), saliency_cols)
 
 
-def ae_update(h: torch.Tensor, saliency: torch.Tensor, scale: torch.Tensor, num_prefix: int,
-              num_prompts: int, k: int) -> torch.Tensor:
+def ae_update(h: torch.Tensor, saliency: torch.Tensor, scale: torch.Tensor, num_prefix: int, num_prompts: int, k: int,
+              residual: torch.Tensor | None = None, norm: Norm | None = None
+              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """SVPT's attentive enhancement, in place on the attention residual ``h`` [B, T, d]: the ``k``
     patch rows with the highest ``saliency`` [B, N] (N = T - num_prefix - num_prompts) get
     ``u = scale * mean(h[:, num_prefix : num_prefix+num_prompts])`` (taken before the update)
     added; returns ``h``. The top-k indices carry no gradient; ``u`` does (to ``scale`` and
-    through ``h``'s prompt rows)."""
-    checks.check_ae_update(h, saliency, scale, num_prefix, num_prompts, k)
-    return _run("ae_update", h.device, h.dtype, {}, h, saliency, scale, num_prefix, num_prompts, k)
+    through ``h``'s prompt rows).
+
+    With ``residual`` [B, T, d], the same on ``residual + h`` (a new buffer in the promoted dtype;
+    neither input is written), as the block's ``x + attn`` when the branch ``h`` is in autocast's
+    dtype and the residual stream in float32. Passing the two apart lets a backend hand the branch
+    its gradient in the branch's dtype directly: under torch.compile that conversion then joins the
+    kernel that computed the gradient, where after an in-place update of the sum's gradient it would
+    be one more pass over [B, T, d].
+
+    With ``norm`` = (weight, bias, eps) of the LayerNorm that reads the result (timm's ``norm2``; the
+    frozen backbone's, so its parameters get no gradient), returns ``(out, layer_norm(out))``, the latter
+    in autocast's dtype where autocast is on (what the next Linear would cast it to). A backend may then
+    compute residual add, row update and LayerNorm in one pass over the rows, forward and backward (the
+    Triton backend does), as torch.compile fuses timm's ``x + branch`` with the LayerNorm after it.
+    """
+    checks.check_ae_update(h, saliency, scale, num_prefix, num_prompts, k, residual, norm)
+    return _run("ae_update", h.device, _dtype(h, residual), {}, h, saliency, scale, num_prefix, num_prompts, k,
+                residual, norm)
 
 
 def prompt_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_k: torch.Tensor,

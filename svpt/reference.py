@@ -8,13 +8,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from svpt_kernels import with_layer_norm
 
-def da_mix(tokens, prompts, weight, bias, num_prefix):
+
+def da_mix(tokens, prompts, weight, bias, num_prefix, residual=None, norm=None):
+    if residual is not None:
+        tokens = residual + tokens
     rows = slice(num_prefix, num_prefix + prompts.shape[-2])
     prev = tokens[:, rows].clone()  # P_out[l-1]: the write below overwrites these rows
     gate = torch.sigmoid(prev @ weight[0] + prompts @ weight[1] + bias).unsqueeze(-1)
     tokens[:, rows] = gate * prev + (1 - gate) * prompts
-    return tokens
+    return with_layer_norm(tokens, norm)
 
 
 def _probabilities(q, k, scale):
@@ -33,12 +37,14 @@ def attention_saliency(q, k, scale, saliency_rows, saliency_cols):
         return probs[..., saliency_cols:].float().mean(dim=(1, 2))
 
 
-def ae_update(h, saliency, scale, num_prefix, num_prompts, k):
+def ae_update(h, saliency, scale, num_prefix, num_prompts, k, residual=None, norm=None):
+    if residual is not None:
+        h = residual + h
     first_patch = num_prefix + num_prompts
     rows = saliency.topk(k, dim=-1).indices + first_patch  # [B, k]
     u = scale * h[:, num_prefix:first_patch].mean(dim=1)  # [B, d], from h before the update
     index = rows.unsqueeze(-1).expand(-1, -1, h.shape[-1])
-    return h.scatter_add_(1, index, u.unsqueeze(1).expand(-1, k, -1).to(h.dtype))
+    return with_layer_norm(h.scatter_add_(1, index, u.unsqueeze(1).expand(-1, k, -1).to(h.dtype)), norm)
 
 
 def prompt_kv_attention(q, k, v, prompt_k, prompt_v, scale):

@@ -13,3 +13,15 @@ def traced(*args) -> bool:
     calls skip the op's dispatch, which costs host time (define_op in svpt_kernels.triton._common)."""
     return torch.compiler.is_compiling() or not all(
         type(a) in _PLAIN_TENSORS for a in args if isinstance(a, torch.Tensor))
+
+
+def with_layer_norm(out: torch.Tensor, norm: "tuple | None"):
+    """``out``, or with ``norm`` = (weight, bias, eps) the pair (``out``, its LayerNorm in autocast's
+    dtype where autocast is on): the ``norm=`` variant of da_mix and ae_update composed from the op
+    and F.layer_norm, for the implementations that do not fuse the two."""
+    if norm is None:
+        return out
+    y = torch.nn.functional.layer_norm(out, out.shape[-1:], *norm)
+    if torch.is_autocast_enabled(out.device.type) and out.dtype != torch.float64:
+        y = y.to(torch.get_autocast_dtype(out.device.type))
+    return out, y

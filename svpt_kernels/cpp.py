@@ -31,7 +31,7 @@ import os
 
 import torch
 
-from svpt_kernels import aten_attention, traced
+from svpt_kernels import aten_attention, traced, with_layer_norm
 
 __all__ = ["AUTO_DEVICE_TYPES", "FAST_PATHS", "PREFER", "SUPPORTS", "ae_update", "attention_saliency", "build_info",
            "da_mix", "folded_cross_attention", "prompt_attention", "prompt_kv_attention", "why_unusable"]
@@ -239,9 +239,17 @@ class _DaMix(torch.autograd.Function):
         return (grad, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:4])), None)
 
 
-def da_mix(tokens, prompts, weight, bias, num_prefix):
+def da_mix(tokens, prompts, weight, bias, num_prefix, residual=None, norm=None):
     _require(tokens.device)
-    return _DaMix.apply(tokens, prompts.to(tokens.dtype), weight, bias.reshape(()), num_prefix)
+    tokens = _summed(tokens, residual)
+    return with_layer_norm(_DaMix.apply(tokens, prompts.to(tokens.dtype), weight, bias.reshape(()), num_prefix), norm)
+
+
+def _summed(branch, residual):
+    """The row-local ops given a residual run in place on ``residual + branch``: the extension's
+    backward rewrites the sum's gradient, which autograd then hands to both (no fused conversion);
+    given a ``norm``, F.layer_norm follows (nothing fused)."""
+    return branch if residual is None else residual + branch
 
 
 # -------------------------------------------------------------------------- attention_saliency
@@ -274,9 +282,10 @@ class _AeUpdate(torch.autograd.Function):
         return grad, None, grad_scale if ctx.needs_input_grad[2] else None, None, None, None
 
 
-def ae_update(h, saliency, scale, num_prefix, num_prompts, k):
+def ae_update(h, saliency, scale, num_prefix, num_prompts, k, residual=None, norm=None):
     _require(h.device)
-    return _AeUpdate.apply(h, saliency.detach(), scale.reshape(()), num_prefix, num_prompts, k)
+    h = _summed(h, residual)
+    return with_layer_norm(_AeUpdate.apply(h, saliency.detach(), scale.reshape(()), num_prefix, num_prompts, k), norm)
 
 
 # ----------------------------------------------------------------------- prompt_attention

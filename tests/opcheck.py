@@ -99,7 +99,8 @@ class Case:
     input's name), the rows ``(start, stop)`` of dimension 1 it is compared over. ``autocast``: run
     the tested and the eager call under ``torch.autocast`` in that dtype (the reference without).
     ``layouts``: inputs passed in a memory layout of :func:`laid_out` (the model's q/k/v views are
-    ``padded``)."""
+    ``padded``). ``keywords``: inputs passed by name, after ``args``. ``norm_eps``: the op called with
+    ``norm=(inputs["norm weight"], inputs["norm bias"], norm_eps)`` (:func:`with_norm`)."""
     op: str
     inputs: dict[str, torch.Tensor | None]
     args: tuple = ()
@@ -110,25 +111,61 @@ class Case:
     rows: dict[str, tuple[int, int]] = field(default_factory=dict)
     autocast: torch.dtype | None = None
     layouts: dict[str, str] = field(default_factory=dict)
+    keywords: tuple[str, ...] = ()
+    norm_eps: float | None = None
 
     def call(self, fn, tensors: dict[str, torch.Tensor | None]):
-        return fn(*[tensors[self.same.get(name, name)] for name in self.inputs], *self.args)
+        named = {name: tensors[self.same.get(name, name)] for name in self.inputs}
+        norm = {}
+        if self.norm_eps is not None:
+            norm = {"norm": (named.pop("norm weight"), named.pop("norm bias"), self.norm_eps)}
+        return fn(*[t for name, t in named.items() if name not in self.keywords], *self.args,
+                  **{name: named[name] for name in self.keywords if name in named}, **norm)
 
     def precision(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype the tested call computes in: autocast's, else the inputs'."""
         return self.autocast or dtype
 
 
+def with_norm(case: Case, affine: bool = True) -> Case:
+    """``case`` (given a residual: :func:`with_residual`) with ``norm``: the LayerNorm of the result, also
+    compared with its gradient flowing back; ``affine``: with a weight and bias (frozen: no gradient)."""
+    width = case.inputs["residual"].shape[-1]
+    gen = torch.Generator().manual_seed(11)
+    weight, bias = (1 + 0.5 * randn(gen, width), randn(gen, width)) if affine else (None, None)
+    # next to a float32 residual stream, a float32 LayerNorm, as the model's under autocast
+    own = ("norm weight", "norm bias") if "residual" in case.own_dtype else ()
+    dtype = case.inputs["residual"].dtype
+    weight, bias = (None if t is None else t.to(dtype) for t in (weight, bias))
+    return replace(case, inputs={**case.inputs, "norm weight": weight, "norm bias": bias},
+                   own_dtype=case.own_dtype + own, keywords=case.keywords + ("norm",), norm_eps=1e-5)
+
+
+def with_residual(case: Case, dtype: torch.dtype | None = None) -> Case:
+    """``case`` of an in-place row-local op given a ``residual`` (ops.ae_update): the op on
+    ``residual + buffer``, a new buffer; every row of the result and of both gradients compared.
+    ``dtype``: the residual in that dtype whatever the tested one (float32 next to a 16-bit branch,
+    as the model's residual stream under autocast)."""
+    branch = case.inputs[case.buffer]
+    residual = randn(torch.Generator().manual_seed(7), *branch.shape)
+    return replace(case, inputs={**case.inputs, "residual": residual if dtype is None else residual.to(dtype)},
+                   grads=case.grads + ("residual",), own_dtype=case.own_dtype + (("residual",) if dtype else ()),
+                   buffer=None, rows={}, layouts={}, keywords=("residual",))
+
+
 @dataclass
 class Run:
-    """What one call gave: the main output, the gradients of ``Case.grads`` and the trace."""
+    """What one call gave: the main output, the gradients of ``Case.grads`` and the trace; ``normed``:
+    the second output of an op called with ``norm`` (the LayerNorm of the first)."""
     out: torch.Tensor
     grads: dict[str, torch.Tensor]
     log: list[tuple[str, str]]
+    normed: torch.Tensor | None = None
 
     def values(self, case: Case) -> dict[str, torch.Tensor]:
-        """The compared values: the output and each gradient, over ``case.rows`` where given."""
-        named = {"out": self.out, **{f"grad {name}": g for name, g in self.grads.items()}}
+        """The compared values: the output(s) and each gradient, over ``case.rows`` where given."""
+        named = {"out": self.out, **({} if self.normed is None else {"normed": self.normed}),
+                 **{f"grad {name}": g for name, g in self.grads.items()}}
         out = {}
         for key, value in named.items():
             rows = case.rows.get(key.removeprefix("grad "))
@@ -174,8 +211,10 @@ def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def rounded(case: Case, dtype: torch.dtype) -> Case:
-    """``case`` with its inputs rounded to ``dtype`` (float64 values): what the reference sees."""
-    return replace(case, inputs={name: value if value is None or name in case.own_dtype else value.to(dtype).double()
+    """``case`` with its inputs rounded to ``dtype`` (those of ``own_dtype`` to their own), as float64
+    values: what the reference sees."""
+    return replace(case, inputs={name: None if value is None else
+                                 (value if name in case.own_dtype else value.to(dtype)).double()
                                  for name, value in case.inputs.items()})
 
 
@@ -199,13 +238,16 @@ def execute(case: Case, backend: str | None, device, dtype: torch.dtype, seed: i
     fn = provider or getattr(reference if reference_run else ops, case.op)
     with selected, backends.trace() as log, autocast:
         out = case.call(fn, tensors)
+    outs = out if isinstance(out, tuple) else (out,)  # (out, LayerNorm(out)) with norm=
     if case.buffer is not None:
         assert out is tensors[case.buffer], f"{case.op} must return the buffer it wrote in place"
     grads = {}
     if case.grads:
-        cot = (cotangent(out.shape, case.precision(dtype), seed) if grad_out is None else grad_out).to(out)
-        grads = dict(zip(case.grads, torch.autograd.grad(out, [inputs[n] for n in case.grads], cot)))
-    return Run(out.detach(), {n: g.detach() for n, g in grads.items()}, list(log))
+        cots = [(cotangent(o.shape, case.precision(dtype), seed + i) if grad_out is None or i else grad_out).to(o)
+                for i, o in enumerate(outs)]
+        grads = dict(zip(case.grads, torch.autograd.grad(outs, [inputs[n] for n in case.grads], cots)))
+    return Run(outs[0].detach(), {n: g.detach() for n, g in grads.items()}, list(log),
+               outs[1].detach() if len(outs) > 1 else None)
 
 
 # ------------------------------------------------------------------ judging a case

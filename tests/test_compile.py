@@ -148,3 +148,33 @@ def test_compiling_rules_hand_over_while_torch_compile_traces(monkeypatch):
     test_compile_fullgraph(backend, "cvpt")
     backends._KERNELS.clear()  # noqa: SLF001
     assert set(calls) == {op}, calls
+
+
+def _norm_op_calls():
+    """One call of each Triton op behind da_mix's and ae_update's ``norm=`` variants (forward, backward)."""
+    import importlib
+    da, ae = (importlib.import_module(f"svpt_kernels.triton.{name}") for name in ("da_mix", "ae_update"))
+    gen = torch.Generator().manual_seed(0)
+    r = lambda *s, dtype=torch.float32: torch.randn(*s, generator=gen).to(DEVICE, dtype)  # noqa: E731
+    residual, branch, prompts, weight, bias = r(2, 13, 40), r(2, 13, 40, dtype=torch.float16), r(1, 3, 40), r(2, 40), r(())
+    norm = (r(40), r(40), 1e-5, torch.float16)
+    index = torch.stack([torch.randperm(9, generator=gen)[:3] for _ in range(2)]).to(DEVICE)
+    scale = r(())
+    out, y, mean, rstd, prev = da._da_mix_norm_op(branch, prompts, weight, bias, 1, residual, *norm)
+    ae_out, ae_y, ae_mean, ae_rstd, prompt_mean = ae._ae_update_norm_op(branch, index, scale, 1, 3, residual, *norm)
+    return [
+        (da._da_mix_norm_op.op, (branch, prompts, weight, bias, 1, residual, *norm)),
+        (da._da_mix_norm_backward_op.op, (y, out.clone(), out, mean, rstd, norm[0], prev, prompts, weight, bias, 1,
+                                          torch.float32, torch.float16)),
+        (ae._ae_update_norm_op.op, (branch, index, scale, 1, 3, residual, norm[0], None, 1e-5, torch.float16)),
+        (ae._ae_update_norm_backward_op.op, (ae_y, None, ae_out, ae_mean, ae_rstd, norm[0], prompt_mean, index, scale,
+                                             1, 3, torch.float32, torch.float16)),
+    ]
+
+
+@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="the Triton backend is not usable here")
+def test_fused_norm_ops_pass_opcheck():
+    """The functional ops of the norm= variants: schema, fake kernels against the real ones (what
+    torch.compile traces with), dynamic shapes through AOTAutograd."""
+    for op, args in _norm_op_calls():
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))

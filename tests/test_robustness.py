@@ -158,10 +158,39 @@ def test_bad_input_raises_the_same_clear_error_on_every_backend(backend, op, ind
     bad = replace(args, index, mutate(args[index]))
     with svpt.backend(backend), pytest.raises(error) as info:
         getattr(ops, op)(*bad)
+    assert_names(op, info, words)
+
+
+def assert_names(op: str, info, words) -> None:
+    """The error names the op first, then each of ``words``."""
     message = str(info.value)
     assert message.startswith(f"svpt.ops.{op}: "), message
     for word in words:
         assert word in message, (word, message)
+
+
+# the row-local ops' norm= argument: (op, norm, residual given, error type, words the message must contain)
+BAD_NORMS = [
+    ("da_mix", (torch.ones(64), torch.zeros(64), 1e-6), False, ValueError,
+     ["norm is the LayerNorm of the residual sum; pass residual with it"]),
+    ("ae_update", (torch.ones(32), None, 1e-6), True, ValueError, ["norm weight has shape (32,); expected [d=64]"]),
+    ("da_mix", (torch.ones(64, requires_grad=True), None, 1e-6), True, ValueError,
+     ["norm weight requires grad", "frozen backbone's LayerNorm"]),
+    ("ae_update", (None, None, 0.0), True, ValueError, ["norm's eps must be a positive number, got 0.0"]),
+    ("da_mix", (None, None), True, TypeError, ["norm must be (weight, bias, eps) of a LayerNorm"]),
+    ("ae_update", (None, torch.zeros(64, device="meta"), 1e-6), True, ValueError, ["norm bias is on meta"]),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op,norm,residual,error,words", [pytest.param(*b, id=f"{b[0]}-{i}")
+                                                          for i, b in enumerate(BAD_NORMS)])
+def test_bad_norm_raises_the_same_clear_error_on_every_backend(backend, op, norm, residual, error, words):
+    usable(backend)
+    args = valid_inputs()[op]
+    with svpt.backend(backend), pytest.raises(error) as info:
+        getattr(ops, op)(*args, residual=torch.randn_like(args[0]) if residual else None, norm=norm)
+    assert_names(op, info, words)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -88,19 +88,33 @@ def import_timm_layers() -> None:
     _TIMM_MLP, _LAYER_NORMS = Mlp, (nn.LayerNorm, LayerNorm)
 
 
+def layer_norm_args(norm: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None, float] | None:
+    """``(weight, bias, eps)`` of a frozen LayerNorm that F.layer_norm computes (the ``norm=`` argument
+    of ops.da_mix and ops.ae_update); ``None`` for any other normalisation layer."""
+    if type(norm) not in _LAYER_NORMS or getattr(norm, "_fast_norm", False):
+        return None
+    return norm.weight, norm.bias, norm.eps
+
+
+def normed(block_norm: nn.Module, x: torch.Tensor, given: torch.Tensor | None) -> torch.Tensor:
+    """``block_norm(x)``, unless an op already computed it with ``x`` (``given``)."""
+    return frozen(block_norm, x) if given is None else given
+
+
 def self_attention(block: nn.Module, x: torch.Tensor, kernels: Kernels,
                    saliency: tuple[tuple[int, int], int] | None = None,
                    prompt_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   x_normed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``ls1(MSA(LN1(x)))`` as the block computes it, and AE's saliency when asked
     (``saliency = ((start, count), first column)``: from the same queries and keys).
 
     With ``prompt_kv`` (from :func:`prompt_keys_values`), the attention of ``x``'s rows also
     sees those extra keys/values, as if their tokens were in the sequence (VPT-deep's fast path).
+    ``x_normed``: ``LN1(x)`` where an op computed it with ``x``.
     """
     attn = block.attn
     batch, tokens, _ = x.shape
-    y = frozen(block.norm1, x)
+    y = normed(block.norm1, x, x_normed)
     q, k, v = frozen(attn.qkv, y).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).unbind(2)
     q, k = frozen(attn.q_norm, q), frozen(attn.k_norm, k)
     if prompt_kv is None:
@@ -126,9 +140,14 @@ def prompt_keys_values(block: nn.Module, prompts: torch.Tensor) -> tuple[torch.T
     return attn.k_norm(k), v
 
 
-def mlp_residual(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+def mlp_branch(block: nn.Module, h: torch.Tensor, h_normed: torch.Tensor | None = None) -> torch.Tensor:
+    """``ls2(MLP(LN2(h)))``, the MLP sub-layer's branch (``h_normed``: ``LN2(h)`` where an op computed it)."""
+    return frozen(block.ls2, _mlp(block.mlp, normed(block.norm2, h, h_normed)))
+
+
+def mlp_residual(block: nn.Module, h: torch.Tensor, h_normed: torch.Tensor | None = None) -> torch.Tensor:
     """``h + ls2(MLP(LN2(h)))``."""
-    return h + frozen(block.ls2, _mlp(block.mlp, frozen(block.norm2, h)))
+    return h + mlp_branch(block, h, h_normed)
 
 
 def plain_block(block: nn.Module, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:

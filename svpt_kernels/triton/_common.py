@@ -74,6 +74,14 @@ def writable(grad: torch.Tensor) -> torch.Tensor:
     return grad if grad.is_contiguous() else grad.contiguous()
 
 
+def branch_gradient(grad: torch.Tensor, dtype: "torch.dtype | None") -> "torch.Tensor | None":
+    """For an op on ``residual + branch`` (the row-local ops given a residual): the incoming gradient
+    in the branch's dtype, made before the op's backward updates its few rows of ``grad`` (and then
+    those rows of this copy), so that torch.compile computes it in the kernel that produced ``grad``;
+    ``None`` without a branch or where the dtypes agree (the branch's gradient is ``grad`` itself)."""
+    return None if dtype is None or dtype == grad.dtype else grad.to(dtype)
+
+
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """Kernels take arbitrary outer strides (qkv views) but need unit stride on the last dim."""
     return t if t.stride(-1) == 1 else t.contiguous()

@@ -57,6 +57,23 @@ def test_op_at_vit_b16(op, shape, backend, dtype):
     report(f"{op} {shape} on {backend} in {dtype}", errors)
 
 
+@pytest.mark.parametrize("op,shape,backend,dtype", [
+    case for case in cuda_cases() if case.values[0] in ("ae_update", "da_mix") and case.values[3] != torch.float32])
+def test_row_local_op_on_a_float32_residual_at_vit_b16(op, shape, backend, dtype):
+    """SVPT's blocks under autocast: the op on a float32 residual plus a 16-bit branch."""
+    errors = opcheck.check(MODULES[op].residual_case(torch.float32, shape), backend, "cuda", dtype)
+    report(f"{op} {shape} on a float32 residual, {backend} in {dtype}", errors)
+
+
+@pytest.mark.parametrize("op,shape,backend,dtype", [
+    case for case in cuda_cases() if case.values[0] in ("ae_update", "da_mix") and case.values[3] != torch.float32])
+def test_row_local_op_with_its_layer_norm_at_vit_b16(op, shape, backend, dtype):
+    """SVPT's blocks under autocast with ``norm``: a float32 residual plus a 16-bit branch, the row
+    update and the block's float32 LayerNorm (fused on the Triton backend)."""
+    errors = opcheck.check(MODULES[op].norm_case(dtype, torch.float32, shape), backend, "cuda", dtype)
+    report(f"{op} {shape} with its LayerNorm, {backend} in {dtype}", errors)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("shape", list(test_prompt_attention.VIT_B16))
 def test_sdpa_provider_at_vit_b16(shape, dtype):

@@ -19,7 +19,7 @@ from svpt import reference
 
 from numerics import rel_err
 from opcheck import (Case, check, check_hand_over, check_row_locality, check_saves_no_buffer, handed_over, own_cases,
-                     randn, value_cases)
+                     randn, value_cases, with_norm, with_residual)
 
 OP = "ae_update"
 # name: (batch, num_prefix, M, patches, width, k)
@@ -68,6 +68,48 @@ def test_a_scale_of_another_dtype_promotes_like_the_reference(backend, device, d
     case.inputs["scale"] = case.inputs["scale"].to(scale_dtype)
     case.own_dtype = ("saliency", "scale")
     check(case, backend, device, dtype)
+
+
+def residual_case(residual_dtype: torch.dtype | None = None, shape: str = "class-token-M3-k3") -> Case:
+    return with_residual(make(shape), residual_dtype)
+
+
+@pytest.mark.parametrize("backend,device,dtype", own_cases(OP))
+def test_on_a_residual_sum(backend, device, dtype):
+    """With ``residual``: the op on ``residual + h``, a new buffer (writing either input, leaves
+    that require grad, would raise); the result's every row and both inputs' gradients."""
+    check(residual_case(), backend, device, dtype)
+
+
+@pytest.mark.parametrize("backend,device,dtype", own_cases(OP, dtypes=(torch.float16, torch.bfloat16)))
+def test_on_a_float32_residual_next_to_a_16bit_branch(backend, device, dtype):
+    """The model's case under autocast: the residual stream in float32, the branch 16-bit; the sum
+    in float32, the branch's gradient in its own dtype."""
+    check(residual_case(torch.float32), backend, device, dtype)
+
+
+def norm_case(dtype: torch.dtype, residual_dtype: torch.dtype | None = None, shape: str = 'class-token-M3-k3',
+              affine: bool = True) -> Case:
+    """The op with ``norm``: on a residual sum, that sum's LayerNorm too; every gradient, except in 16-bit
+    the scale's: a sum over every row of 16-bit row gradients that the LayerNorm's backward makes cancel
+    (eager itself misses its own bound there by 10x); float32 checks it."""
+    case = with_norm(residual_case(residual_dtype, shape), affine)
+    case.grads = tuple(g for g in ("h", "scale", "residual") if dtype == torch.float32 or g != "scale")
+    return case
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("backend,device,dtype,shape", value_cases(OP, SHAPES))
+def test_with_the_layer_norm_of_the_sum(backend, device, dtype, shape, affine):
+    """With ``norm``: (out, LayerNorm(out)), where a backend may fuse add, row update and LayerNorm;
+    both outputs and every gradient, the LayerNorm's gradient flowing back through the row update."""
+    check(norm_case(dtype, None, shape, affine), backend, device, dtype)
+
+
+@pytest.mark.parametrize("backend,device,dtype", own_cases(OP, dtypes=(torch.float16, torch.bfloat16)))
+def test_with_the_layer_norm_on_a_float32_residual_next_to_a_16bit_branch(backend, device, dtype):
+    """The model's case under autocast, with the block's float32 LayerNorm after the op."""
+    check(norm_case(dtype, torch.float32), backend, device, dtype)
 
 
 @pytest.mark.parametrize("backend,device,dtype", own_cases(OP))

@@ -18,7 +18,7 @@ from svpt import reference
 
 from numerics import rel_err
 from opcheck import (Case, check, check_hand_over, check_row_locality, check_saves_no_buffer, execute, handed_over,
-                     own_cases, randn, value_cases)
+                     own_cases, randn, value_cases, with_norm, with_residual)
 
 OP = "da_mix"
 # name: (batch, num_prefix, M, patches, width, prompt batch)
@@ -48,6 +48,53 @@ def make(name: str, bias: float = 0.3, seed: int = 0, strided: bool = False) -> 
 @pytest.mark.parametrize("backend,device,dtype,shape", value_cases(OP, SHAPES, LONG))
 def test_matches_float64_reference(backend, device, dtype, shape):
     check(make(shape), backend, device, dtype)
+
+
+def residual_case(residual_dtype: torch.dtype | None = None, shape: str = "class-token-M3-shared-prompts") -> Case:
+    case = with_residual(make(shape), residual_dtype)
+    if residual_dtype is not None:  # as in the model: the gate's inputs in the residual stream's dtype
+        case.inputs |= {name: case.inputs[name].to(residual_dtype) for name in ("prompts", "weight", "bias")}
+        case.own_dtype += ("prompts", "weight", "bias")
+    case.grads = ("tokens", "residual")  # the gate's own gradients: test_matches_float64_reference
+    return case
+
+
+@pytest.mark.parametrize("backend,device,dtype", own_cases(OP))
+def test_on_a_residual_sum(backend, device, dtype):
+    """With ``residual``: the op on ``residual + tokens``, a new buffer (writing either input, leaves
+    that require grad, would raise); the result's every row and both inputs' gradients."""
+    check(residual_case(), backend, device, dtype)
+
+
+@pytest.mark.parametrize("backend,device,dtype", own_cases(OP, dtypes=(torch.float16, torch.bfloat16)))
+def test_on_a_float32_residual_next_to_a_16bit_branch(backend, device, dtype):
+    """The model's case under autocast: the residual stream in float32, the branch 16-bit; the sum
+    in float32, the branch's gradient in its own dtype."""
+    check(residual_case(torch.float32), backend, device, dtype)
+
+
+def norm_case(dtype: torch.dtype, residual_dtype: torch.dtype | None = None, shape: str = 'class-token-M3-shared-prompts',
+              affine: bool = True) -> Case:
+    """The op with ``norm``: on a residual sum, that sum's LayerNorm too; every gradient, except in 16-bit
+    the bias's: a sum over every row of 16-bit row gradients that the LayerNorm's backward makes cancel
+    (eager itself misses its own bound there by 10x); float32 checks it."""
+    case = with_norm(residual_case(residual_dtype, shape), affine)
+    case.grads = tuple(g for g in ("tokens", "prompts", "weight", "bias", "residual") if dtype == torch.float32 or g != "bias")
+    return case
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("backend,device,dtype,shape", value_cases(OP, SHAPES))
+def test_with_the_layer_norm_of_the_sum(backend, device, dtype, shape, affine):
+    """With ``norm``: (out, LayerNorm(out)), where a backend may fuse add, row update and LayerNorm;
+    both outputs and every gradient, the LayerNorm's gradient flowing back through the row update."""
+    check(norm_case(dtype, None, shape, affine), backend, device, dtype)
+
+
+@pytest.mark.parametrize("backend,device,dtype", own_cases(OP, dtypes=(torch.float16, torch.bfloat16)))
+def test_with_the_layer_norm_on_a_float32_residual_next_to_a_16bit_branch(backend, device, dtype):
+    """The model's case under autocast, with the block's float32 LayerNorm after the op."""
+    check(norm_case(dtype, torch.float32), backend, device, dtype)
 
 
 @pytest.mark.parametrize("backend,device,dtype", own_cases(OP))
