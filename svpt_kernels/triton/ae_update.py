@@ -33,13 +33,7 @@ def _ae_update_fwd_kernel(H, INDEX, SCALE, MEAN, d, num_prefix, M, K, first_patc
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < d
     base = H + b * stride_hb + cols[None, :]
-    total = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for t0 in range(0, M, BLOCK_T):
-        t_ok = (t0 + tl.arange(0, BLOCK_T)) < M
-        rows = num_prefix + t0 + tl.arange(0, BLOCK_T)
-        h = tl.load(base + rows[:, None] * stride_ht, mask=t_ok[:, None] & col_ok[None, :], other=0.0)
-        total += tl.sum(h.to(tl.float32), axis=0)
-    mean = total / M
+    mean = _prompt_mean(H, H, H, b, cols, col_ok, num_prefix, M, stride_hb, stride_ht, 0, 0, False, BLOCK_T, BLOCK_D)
     tl.store(MEAN + b * d + cols, mean, mask=col_ok)
     u = tl.load(SCALE).to(tl.float32) * mean
     # The selected rows are patch rows: disjoint from the prompt rows read above.
@@ -85,21 +79,33 @@ def _ae_update_bwd_kernel(GRAD, BRANCH, MEAN, INDEX, SCALE, GRAD_SCALE_PART, d, 
 
 
 @triton.jit
-def _prompt_mean_kernel(RES, BR, OUT_DTYPE_REF, MEAN, d, num_prefix, M, stride_rb, stride_rt, stride_bb, stride_bt,
-                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """mean(h_prompt) [B, d] of ``h = residual + branch`` (as stored, in OUT_DTYPE_REF's dtype)."""
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < d
+def _prompt_mean(H, BR, OUT_DTYPE_REF, b, cols, col_ok, num_prefix, M, stride_hb, stride_ht, stride_bb, stride_bt,
+                 HAS_BR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """mean(h_prompt) [BLOCK_D] of sample ``b``: of ``H``, or with ``HAS_BR`` of ``H + BR`` as stored (rounded to
+    OUT_DTYPE_REF's dtype)."""
     total = tl.zeros([BLOCK_D], dtype=tl.float32)
     for t0 in range(0, M, BLOCK_T):
         t_ok = (t0 + tl.arange(0, BLOCK_T)) < M
         t = num_prefix + t0 + tl.arange(0, BLOCK_T)
-        h = ln.load_sum(RES, BR, tl.zeros_like(t).to(tl.int64) + b, t, cols, t_ok[:, None] & col_ok[None, :],
-                        stride_rb, stride_rt, stride_bb, stride_bt)
-        total += tl.sum(h.to(OUT_DTYPE_REF.dtype.element_ty).to(tl.float32), axis=0)
-    tl.store(MEAN + b * d + cols, total / M, mask=col_ok)
+        ok = t_ok[:, None] & col_ok[None, :]
+        h = tl.load(H + b * stride_hb + t[:, None] * stride_ht + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        if HAS_BR:
+            h += tl.load(BR + b * stride_bb + t[:, None] * stride_bt + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            h = h.to(OUT_DTYPE_REF.dtype.element_ty).to(tl.float32)
+        total += tl.sum(h, axis=0)
+    return total / M
+
+
+@triton.jit
+def _prompt_mean_kernel(RES, BR, OUT_DTYPE_REF, MEAN, d, num_prefix, M, stride_rb, stride_rt, stride_bb, stride_bt,
+                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """mean(h_prompt) [B, d] of ``h = residual + branch``."""
+    b = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < d
+    mean = _prompt_mean(RES, BR, OUT_DTYPE_REF, b, cols, col_ok, num_prefix, M, stride_rb, stride_rt, stride_bb,
+                        stride_bt, True, BLOCK_T, BLOCK_D)
+    tl.store(MEAN + b * d + cols, mean, mask=col_ok)
 
 
 @triton.jit
