@@ -11,6 +11,10 @@ With a residual (the op on ``residual + h``, the block's ``x + attn``), the forw
 a new buffer first; the backward converts the incoming gradient to the branch's dtype before
 anything else, so that a compiled backward computes that copy in the kernel that produced the
 gradient (as for timm's own residual add), and the kernel then updates the prompt rows of both.
+With a residual and the ``norm`` that reads the result (SVPT's blocks: the block's second LayerNorm),
+the ``_ae_update_norm_*`` kernels do add, update and LayerNorm in one pass over the rows (after a small
+pass over the M prompt rows for their mean); the backward does the LayerNorm's backward over every row
+in one pass, then adds the u-path's share to the M prompt rows of both gradients (_layer_norm.py).
 """
 from typing import Optional, Tuple
 

@@ -6,7 +6,9 @@ a copy of ``P_out`` [B, M, d] for backward; no other row is read or written. The
 and rewrites the prompt rows of the incoming gradient only (the other rows' gradient passes
 through unchanged) and recomputes the gate. With a residual (the op on ``residual + tokens``, the
 block's ``h + mlp``), as ae_update's (ae_update.py): a new buffer forward; backward the gradient's
-copy in the branch's dtype first, its prompt rows rewritten with the gradient's.
+copy in the branch's dtype first, its prompt rows rewritten with the gradient's. With a residual and
+the ``norm`` that reads the result (SVPT's blocks: block l+1's LayerNorm), the ``_da_mix_norm_*`` kernels
+do add, mix and LayerNorm in one pass over the rows, forward and backward (_layer_norm.py).
 """
 from typing import Optional, Tuple
 
