@@ -141,6 +141,24 @@ def with_norm(case: Case, affine: bool = True) -> Case:
                    own_dtype=case.own_dtype + own, keywords=case.keywords + ("norm",), norm_eps=1e-5)
 
 
+def layer_norm_tests(op: str, shapes, norm_case):
+    """The two tests of a row-local op's ``norm=`` variant, for its module (test_da_mix.py, test_ae_update.py)
+    to bind: ``norm_case(dtype, residual_dtype=None, shape=..., affine=True)`` makes its case."""
+    @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+    @pytest.mark.parametrize("backend,device,dtype,shape", value_cases(op, shapes))
+    def test_with_the_layer_norm_of_the_sum(backend, device, dtype, shape, affine):
+        """With ``norm``: (out, LayerNorm(out)), where a backend may fuse add, row update and LayerNorm;
+        both outputs and every gradient, the LayerNorm's gradient flowing back through the row update."""
+        check(norm_case(dtype, None, shape, affine), backend, device, dtype)
+
+    @pytest.mark.parametrize("backend,device,dtype", own_cases(op, dtypes=(torch.float16, torch.bfloat16)))
+    def test_with_the_layer_norm_on_a_float32_residual_next_to_a_16bit_branch(backend, device, dtype):
+        """The model's case under autocast, with the block's float32 LayerNorm after the op."""
+        check(norm_case(dtype, torch.float32), backend, device, dtype)
+
+    return test_with_the_layer_norm_of_the_sum, test_with_the_layer_norm_on_a_float32_residual_next_to_a_16bit_branch
+
+
 def with_residual(case: Case, dtype: torch.dtype | None = None) -> Case:
     """``case`` of an in-place row-local op given a ``residual`` (ops.ae_update): the op on
     ``residual + buffer``, a new buffer; every row of the result and of both gradients compared.

@@ -18,7 +18,7 @@ from svpt import reference
 
 from numerics import rel_err
 from opcheck import (Case, check, check_hand_over, check_row_locality, check_saves_no_buffer, execute, handed_over,
-                     own_cases, randn, value_cases, with_norm, with_residual)
+                     own_cases, layer_norm_tests, randn, value_cases, with_norm, with_residual)
 
 OP = "da_mix"
 # name: (batch, num_prefix, M, patches, width, prompt batch)
@@ -83,18 +83,8 @@ def norm_case(dtype: torch.dtype, residual_dtype: torch.dtype | None = None, sha
     return case
 
 
-@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
-@pytest.mark.parametrize("backend,device,dtype,shape", value_cases(OP, SHAPES))
-def test_with_the_layer_norm_of_the_sum(backend, device, dtype, shape, affine):
-    """With ``norm``: (out, LayerNorm(out)), where a backend may fuse add, row update and LayerNorm;
-    both outputs and every gradient, the LayerNorm's gradient flowing back through the row update."""
-    check(norm_case(dtype, None, shape, affine), backend, device, dtype)
-
-
-@pytest.mark.parametrize("backend,device,dtype", own_cases(OP, dtypes=(torch.float16, torch.bfloat16)))
-def test_with_the_layer_norm_on_a_float32_residual_next_to_a_16bit_branch(backend, device, dtype):
-    """The model's case under autocast, with the block's float32 LayerNorm after the op."""
-    check(norm_case(dtype, torch.float32), backend, device, dtype)
+(test_with_the_layer_norm_of_the_sum,
+ test_with_the_layer_norm_on_a_float32_residual_next_to_a_16bit_branch) = layer_norm_tests(OP, SHAPES, norm_case)
 
 
 @pytest.mark.parametrize("backend,device,dtype", own_cases(OP))
